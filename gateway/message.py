@@ -1,0 +1,129 @@
+"""What the gateway knows about a message's bytes: headers, addresses, identity; no I/O here.
+
+Everything works on the raw bytes as accepted, so what we relay, sign and log is provably what the
+client sent. Only the header block is parsed (a 25 MB attachment is never decoded here), with the
+``email`` package's header parser, and addresses are normalised one way for every caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import time
+import uuid
+from datetime import UTC, datetime
+from email.headerregistry import Address
+from email.message import Message
+from email.parser import BytesHeaderParser
+from email.utils import format_datetime, getaddresses
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+# A CR not followed by LF, or an LF not preceded by CR: the raw material of SMTP smuggling
+# (RFC 5321 §2.3.8 says lines end with CRLF and nothing else).
+_BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_MSGID = re.compile(r"<([^<>\s@]+@[^<>\s@]+)>")
+
+
+def header_block(raw: bytes) -> bytes:
+    """The header section including its terminating blank line (all of ``raw`` if none)."""
+    match = _HEADER_END.search(raw)
+    return raw[: match.end()] if match else raw
+
+
+def parse_headers(raw: bytes) -> Message:
+    """Headers only; the body is never parsed here."""
+    return BytesHeaderParser().parsebytes(header_block(raw))
+
+
+def has_bare_line_ending(raw: bytes) -> bool:
+    return _BARE_CR_OR_LF.search(raw) is not None
+
+
+def normalise_address(address: str) -> str:
+    """Lower-case, trimmed, IDN domain in ASCII (punycode); the local part keeps its bytes.
+
+    Local parts are case-sensitive by the letter of RFC 5321 §2.4, but no mail system in use
+    treats them so, and matching ``Bob@x`` to ``bob@x`` is what users expect.
+    """
+    address = address.strip().strip("<>").strip()
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return address.lower()
+    with contextlib.suppress(UnicodeError):  # not IDNA-encodable: keep it, matching will miss
+        domain = domain.encode("idna").decode("ascii")
+    return f"{local.lower()}@{domain.lower().rstrip('.')}"
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def addresses(headers: Message, name: str) -> list[str]:
+    """All addresses in every instance of header ``name``, normalised, in order."""
+    values = [str(v) for v in headers.get_all(name, [])]
+    return [normalise_address(addr) for _, addr in getaddresses(values) if "@" in addr]
+
+
+def from_header_count(headers: Message) -> int:
+    return len(headers.get_all("From", []))
+
+
+def message_id(headers: Message) -> str | None:
+    """The Message-ID without angle brackets, or None when missing or not of the RFC 5322 form."""
+    value = headers.get("Message-ID")
+    if value is None:
+        return None
+    match = _MSGID.search(str(value))
+    return match.group(1) if match else None
+
+
+def dedupe_key(raw: bytes) -> str:
+    """The identity of an email across paths: its normalised Message-ID, else a content hash."""
+    found = message_id(parse_headers(raw))
+    if found:
+        local, _, domain = found.partition("@")
+        return f"mid:{local}@{domain.lower()}"
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def make_message_id(hostname: str) -> str:
+    return f"<{uuid.uuid4().hex}.{int(time.time())}@{hostname}>"
+
+
+def missing_header_lines(headers: Message, *, hostname: str, now: float) -> bytes:
+    """Message-ID and Date lines a submission server adds when the client left them out.
+
+    RFC 6409 §8.2 and §8.3 allow (and RFC 5322 needs) both; we add only what is missing.
+    """
+    lines = b""
+    if headers.get("Message-ID") is None:
+        lines += f"Message-ID: {make_message_id(hostname)}\r\n".encode("ascii")
+    if headers.get("Date") is None:
+        date = format_datetime(datetime.fromtimestamp(now, UTC))
+        lines += f"Date: {date}\r\n".encode("ascii")
+    return lines
+
+
+_BCC_LINE = re.compile(rb"^Bcc:[^\r\n]*\r?\n(?:[ \t][^\r\n]*\r?\n)*", re.IGNORECASE | re.MULTILINE)
+
+
+def outgoing(raw: bytes, prepend: bytes) -> bytes:
+    """The bytes we relay: our added header lines, then the client's message without Bcc.
+
+    RFC 5322 §3.6.3: a Bcc header must not reach the To/Cc recipients; submission servers
+    remove it (RFC 6409 §8.1 notes MSAs may), and DKIM then signs what actually goes out.
+    """
+    head = header_block(raw)
+    if b"bcc:" in head.lower():
+        head = _BCC_LINE.sub(b"", head)
+        raw = head + raw[len(header_block(raw)) :]
+    return prepend + raw
+
+
+def format_address(address: str) -> str:
+    """An address in a human-facing sentence, quoted when it has odd characters."""
+    try:
+        return str(Address(addr_spec=address))
+    except (ValueError, IndexError):
+        return repr(address)

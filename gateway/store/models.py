@@ -1,0 +1,112 @@
+"""The gateway's tables, as SQLModel classes; Alembic migrations are written against these.
+
+Times are UNIX seconds (floats) rather than SQL timestamps: the queue compares them on every claim,
+and a number compares the same way on SQLite and PostgreSQL with no time-zone surprises. Raw
+messages are kept as the exact bytes the client sent; anything the gateway adds (Message-ID, Date,
+the DKIM signature) is stored separately in ``prepend`` so the original stays provable.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from sqlalchemy import JSON, Column, Index, LargeBinary
+from sqlmodel import Field, SQLModel
+
+
+class Source(StrEnum):
+    SUBMISSION = "submission"
+    CAPTURE = "capture"
+    IMAP = "imap"
+    API = "api"
+    BOUNCE = "bounce"
+
+
+class MessageState(StrEnum):
+    QUEUED = "queued"  # waiting for (or in) its pipeline
+    DONE = "done"  # every step ran
+    BOUNCED = "bounced"  # rejected permanently; the sender got a DSN
+    DISCARDED = "discarded"  # dropped on purpose
+    SHUNTED = "shunted"  # an unexpected error; kept for a human, see last_error
+    DELETED = "deleted"  # removed by an admin
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class Message(SQLModel, table=True):
+    __tablename__ = "message"
+    __table_args__ = (Index("ix_message_due", "state", "next_attempt_at"),)
+
+    id: str = Field(primary_key=True, max_length=32)
+    source: str = Field(max_length=16)
+    state: str = Field(default=MessageState.QUEUED, max_length=16)
+    mail_from: str = Field(max_length=512)
+    rcpt_tos: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    prepend: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False))
+    size: int = 0
+    username: str | None = Field(default=None, max_length=320)
+    client_address: str | None = Field(default=None, max_length=64)
+    header_message_id: str | None = Field(default=None, max_length=998)
+    steps_done: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    attempts: int = 0
+    created_at: float
+    updated_at: float
+    next_attempt_at: float
+    lease_owner: str | None = Field(default=None, max_length=64)
+    lease_expires_at: float | None = None
+    last_error: str | None = None
+
+
+class Delivery(SQLModel, table=True):
+    """One recipient of one message: what the upstream last said, and whether we are done."""
+
+    __tablename__ = "delivery"
+
+    id: int | None = Field(default=None, primary_key=True)
+    message_id: str = Field(foreign_key="message.id", index=True, max_length=32)
+    recipient: str = Field(max_length=512)
+    state: str = Field(default=DeliveryState.PENDING, max_length=16)
+    attempts: int = 0
+    last_code: int | None = None
+    last_reply: str | None = None
+    updated_at: float
+
+
+class User(SQLModel, table=True):
+    """Someone who may submit mail; ``password_hash`` is Argon2id (salted, deliberately slow)."""
+
+    __tablename__ = "user"
+
+    id: int | None = Field(default=None, primary_key=True)
+    email: str = Field(unique=True, max_length=320)
+    password_hash: str = Field(max_length=256)
+    is_admin: bool = False
+    disabled: bool = False
+    created_at: float
+
+
+class UserAddress(SQLModel, table=True):
+    """An address a user may send as: their login address and any aliases (``@domain`` for all)."""
+
+    __tablename__ = "user_address"
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="user.id", index=True)
+    address: str = Field(unique=True, max_length=320)
+
+
+class ApiToken(SQLModel, table=True):
+    """A bearer token for the admin API; only its SHA-256 is kept (tokens are random, 256 bits)."""
+
+    __tablename__ = "api_token"
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="user.id", index=True)
+    token_sha256: str = Field(unique=True, max_length=64)
+    label: str = Field(default="", max_length=200)
+    created_at: float

@@ -1,0 +1,474 @@
+"""The durable queue: group-committed accepts, leased claims, and recorded outcomes.
+
+Every write goes through one :class:`GroupCommitter`: callers hand it small functions that take a
+connection, and it runs whatever has piled up while the previous transaction was committing in the
+next single transaction. Under load that is one fsync for many SMTP sessions instead of one each;
+when idle it adds no wait at all. A batch whose transaction fails is retried one function at a
+time, so one bad row fails only its own caller. Claims are ``UPDATE … RETURNING`` with a lease
+(``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so any number of processes can share a database and a
+dead process's messages come back when its leases expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, text, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from gateway.errors import StoreError
+from gateway.store.db import is_postgres
+from gateway.store.models import Delivery, DeliveryState, Message, MessageState
+
+log = logging.getLogger(__name__)
+
+MESSAGE = Message.__table__  # type: ignore[attr-defined]
+DELIVERY = Delivery.__table__  # type: ignore[attr-defined]
+
+Write = Callable[[Connection], Any]
+
+
+def new_message_id() -> str:
+    """Time-ordered ids (like UUIDv7) so ``ORDER BY id`` is arrival order in listings."""
+    return f"{time.time_ns() // 1_000_000:012x}{uuid.uuid4().hex[:20]}"
+
+
+class GroupCommitter:
+    """Runs write functions in shared transactions on one writer thread.
+
+    One thread is enough: SQLite takes one writer at a time anyway, and on PostgreSQL the batch
+    already amortises the commit. ``window`` optionally waits a little for more work when a batch
+    is small; the default 0 relies on the natural batching while a commit is in flight.
+    """
+
+    def __init__(self, engine: Engine, *, window: float = 0.0, max_batch: int = 128) -> None:
+        self._engine = engine
+        self._window = window
+        self._max_batch = max_batch
+        self._pending: asyncio.Queue[tuple[Write, asyncio.Future[Any]]] = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailgate-writer")
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="group-committer")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=True)
+
+    async def write(self, fn: Write) -> Any:
+        """Run ``fn(connection)`` in a transaction; returns its result once committed."""
+        if self._task is None or self._task.done():
+            raise StoreError("the store is not running")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self._pending.put((fn, future))
+        return await future
+
+    async def read(self, fn: Write) -> Any:
+        """Run a read-only ``fn(connection)`` off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._read, fn)
+
+    def _read(self, fn: Write) -> Any:
+        try:
+            with self._engine.connect() as connection:
+                return fn(connection)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"database read failed: {_reason(exc)}") from exc
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._pending.get()]
+            if self._window and self._pending.empty():
+                await asyncio.sleep(self._window)
+            while len(batch) < self._max_batch and not self._pending.empty():
+                batch.append(self._pending.get_nowait())
+            results = await loop.run_in_executor(self._executor, self._commit, batch)
+            for (_, future), (ok, value) in zip(batch, results, strict=True):
+                if future.done():  # the caller gave up (client disconnected); nothing to tell
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+
+    def _commit(self, batch: list[tuple[Write, asyncio.Future[Any]]]) -> list[tuple[bool, Any]]:
+        try:
+            with self._engine.begin() as connection:
+                return [(True, fn(connection)) for fn, _ in batch]
+        except Exception:
+            if len(batch) == 1:
+                return [self._commit_one(batch[0][0])]
+            return [self._commit_one(fn) for fn, _ in batch]
+
+    def _commit_one(self, fn: Write) -> tuple[bool, Any]:
+        try:
+            with self._engine.begin() as connection:
+                return (True, fn(connection))
+        except SQLAlchemyError as exc:
+            log.error("store write failed: %s", _reason(exc))
+            return (False, StoreError(f"database write failed: {_reason(exc)}"))
+        except Exception as exc:
+            return (False, exc)
+
+
+def _reason(exc: SQLAlchemyError) -> str:
+    orig = getattr(exc, "orig", None)
+    return str(orig or exc).splitlines()[0]
+
+
+@dataclass(slots=True)
+class NewMessage:
+    """What a door hands the store: the envelope and the exact bytes it accepted."""
+
+    source: str
+    mail_from: str
+    rcpt_tos: list[str]
+    raw: bytes
+    username: str | None = None
+    client_address: str | None = None
+    header_message_id: str | None = None
+    id: str = field(default_factory=new_message_id)
+
+
+@dataclass(slots=True)
+class QueuedMessage:
+    """A claimed message, as the worker and its pipeline see it."""
+
+    id: str
+    source: str
+    mail_from: str
+    rcpt_tos: list[str]
+    raw: bytes
+    prepend: bytes
+    username: str | None
+    header_message_id: str | None
+    steps_done: list[str]
+    attempts: int
+    created_at: float
+    # Filled by steps as they run; written back with the outcome.
+    pending_recipients: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+class Store:
+    """The queue's operations, each one transaction, all through the group committer."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        committer: GroupCommitter,
+        *,
+        lease_seconds: float,
+        owner: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.engine = engine
+        self.committer = committer
+        self.lease_seconds = lease_seconds
+        self.owner = owner or uuid.uuid4().hex[:16]
+        self.clock = clock
+        self._postgres = is_postgres(engine)
+
+    # -- accepting ---------------------------------------------------------------------------
+
+    async def accept(self, message: NewMessage) -> str:
+        """Store a message and its recipients; returns its id once it is durably committed."""
+        now = self.clock()
+        row = {
+            "id": message.id,
+            "source": message.source,
+            "state": MessageState.QUEUED.value,
+            "mail_from": message.mail_from,
+            "rcpt_tos": message.rcpt_tos,
+            "raw": message.raw,
+            "prepend": b"",
+            "size": len(message.raw),
+            "username": message.username,
+            "client_address": message.client_address,
+            "header_message_id": message.header_message_id,
+            "steps_done": [],
+            "attempts": 0,
+            "created_at": now,
+            "updated_at": now,
+            "next_attempt_at": now,
+        }
+        deliveries = [
+            {
+                "message_id": message.id,
+                "recipient": rcpt,
+                "state": DeliveryState.PENDING.value,
+                "attempts": 0,
+                "updated_at": now,
+            }
+            for rcpt in dict.fromkeys(message.rcpt_tos)
+        ]
+
+        def write(connection: Connection) -> str:
+            connection.execute(insert(MESSAGE), row)
+            if deliveries:
+                connection.execute(insert(DELIVERY), deliveries)
+            return message.id
+
+        result: str = await self.committer.write(write)
+        return result
+
+    # -- claiming ----------------------------------------------------------------------------
+
+    async def claim(self, limit: int, ids: Sequence[str] = ()) -> list[QueuedMessage]:
+        """Lease up to ``limit`` due messages (or exactly ``ids``, if they are still free)."""
+        now = self.clock()
+        params = {"now": now, "owner": self.owner, "expires": now + self.lease_seconds}
+        free = "(lease_expires_at IS NULL OR lease_expires_at < :now)"
+        if ids:
+            where = f"id IN :ids AND state = 'queued' AND {free}"
+            params["ids"] = list(ids)
+        else:
+            where = f"state = 'queued' AND next_attempt_at <= :now AND {free}"
+        skip_locked = " FOR UPDATE SKIP LOCKED" if self._postgres else ""
+        statement = text(
+            f"UPDATE message SET lease_owner = :owner, lease_expires_at = :expires "
+            f"WHERE id IN (SELECT id FROM message WHERE {where} "
+            f"ORDER BY next_attempt_at LIMIT {int(limit)}{skip_locked}) AND {free} "
+            "RETURNING id, source, mail_from, rcpt_tos, raw, prepend, username, "
+            "header_message_id, steps_done, attempts, created_at"
+        ).columns(rcpt_tos=MESSAGE.c.rcpt_tos, steps_done=MESSAGE.c.steps_done)
+        if ids:
+            statement = statement.bindparams(bindparam("ids", expanding=True))
+
+        def write(connection: Connection) -> list[QueuedMessage]:
+            rows = connection.execute(statement, params).all()
+            if not rows:
+                return []
+            pending = connection.execute(
+                select(DELIVERY.c.message_id, DELIVERY.c.recipient)
+                .where(DELIVERY.c.message_id.in_([r.id for r in rows]))
+                .where(DELIVERY.c.state == DeliveryState.PENDING.value)
+                .order_by(DELIVERY.c.id)
+            ).all()
+            by_message: dict[str, list[str]] = {}
+            for message_id, recipient in pending:
+                by_message.setdefault(message_id, []).append(recipient)
+            return [
+                QueuedMessage(
+                    id=r.id,
+                    source=r.source,
+                    mail_from=r.mail_from,
+                    rcpt_tos=list(r.rcpt_tos),
+                    raw=bytes(r.raw),
+                    prepend=bytes(r.prepend),
+                    username=r.username,
+                    header_message_id=r.header_message_id,
+                    steps_done=list(r.steps_done),
+                    attempts=r.attempts,
+                    created_at=r.created_at,
+                    pending_recipients=by_message.get(r.id, []),
+                )
+                for r in rows
+            ]
+
+        result: list[QueuedMessage] = await self.committer.write(write)
+        return result
+
+    # -- recording outcomes ------------------------------------------------------------------
+
+    def _owned(self, message_id: str) -> Any:
+        # Only the lease holder may write an outcome: if our lease expired and another process
+        # took the message, our late result must not clobber theirs.
+        return (MESSAGE.c.id == message_id) & (MESSAGE.c.lease_owner == self.owner)
+
+    async def record(
+        self,
+        item: QueuedMessage,
+        *,
+        outcomes: Iterable[DeliveryOutcome] = (),
+        state: MessageState | None = None,
+        next_attempt_at: float | None = None,
+        error: str | None = None,
+        extra: Write | None = None,
+    ) -> bool:
+        """Write steps done, per-recipient outcomes and (optionally) the message's new state.
+
+        ``state`` None keeps the lease (more steps follow); any other state releases it.
+        ``extra`` runs in the same transaction (an outbox row, a bounce to enqueue).
+        Returns False when the lease was lost and nothing was written.
+        """
+        now = self.clock()
+        values: dict[str, Any] = {
+            "steps_done": item.steps_done,
+            "prepend": item.prepend,
+            "updated_at": now,
+        }
+        if state is not None:
+            values.update(state=state.value, lease_owner=None, lease_expires_at=None)
+        if next_attempt_at is not None:
+            values.update(next_attempt_at=next_attempt_at, attempts=item.attempts + 1)
+        if error is not None:
+            values["last_error"] = error
+        outcome_rows = [
+            {
+                "m": item.id,
+                "r": o.recipient,
+                "state": o.state.value,
+                "code": o.code,
+                "reply": o.reply,
+                "now": now,
+            }
+            for o in outcomes
+        ]
+
+        def write(connection: Connection) -> bool:
+            updated = connection.execute(
+                update(MESSAGE).where(self._owned(item.id)).values(**values)
+            ).rowcount
+            if not updated:
+                return False
+            if outcome_rows:
+                connection.execute(
+                    update(DELIVERY)
+                    .where(DELIVERY.c.message_id == bindparam("m"))
+                    .where(DELIVERY.c.recipient == bindparam("r"))
+                    .values(
+                        state=bindparam("state"),
+                        last_code=bindparam("code"),
+                        last_reply=bindparam("reply"),
+                        updated_at=bindparam("now"),
+                        attempts=DELIVERY.c.attempts + 1,
+                    ),
+                    outcome_rows,
+                )
+            if extra is not None:
+                extra(connection)
+            return True
+
+        result: bool = await self.committer.write(write)
+        return result
+
+    async def release(self, message_id: str) -> None:
+        """Give a claim back untouched (shutting down before it was worked on)."""
+
+        def write(connection: Connection) -> None:
+            connection.execute(
+                update(MESSAGE)
+                .where(self._owned(message_id))
+                .values(lease_owner=None, lease_expires_at=None)
+            )
+
+        await self.committer.write(write)
+
+    # -- admin operations --------------------------------------------------------------------
+
+    async def retry_now(self, message_id: str) -> bool:
+        """Make a deferred, bounced or shunted message due now; its failed recipients retry."""
+        now = self.clock()
+
+        def write(connection: Connection) -> bool:
+            state = connection.execute(
+                select(MESSAGE.c.state).where(MESSAGE.c.id == message_id)
+            ).scalar_one_or_none()
+            if state is None or state in (MessageState.DONE, MessageState.DELETED):
+                return False
+            connection.execute(
+                update(DELIVERY)
+                .where(DELIVERY.c.message_id == message_id)
+                .where(DELIVERY.c.state == DeliveryState.FAILED.value)
+                .values(state=DeliveryState.PENDING.value, updated_at=now)
+            )
+            connection.execute(
+                update(MESSAGE)
+                .where(MESSAGE.c.id == message_id)
+                .values(
+                    state=MessageState.QUEUED.value,
+                    next_attempt_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    created_at=now if state != MessageState.QUEUED else MESSAGE.c.created_at,
+                    updated_at=now,
+                )
+            )
+            return True
+
+        result: bool = await self.committer.write(write)
+        return result
+
+    async def delete(self, message_id: str) -> bool:
+        """Remove a message and its deliveries for good."""
+
+        def write(connection: Connection) -> bool:
+            connection.execute(delete(DELIVERY).where(DELIVERY.c.message_id == message_id))
+            return bool(
+                connection.execute(delete(MESSAGE).where(MESSAGE.c.id == message_id)).rowcount
+            )
+
+        result: bool = await self.committer.write(write)
+        return result
+
+    async def list_messages(
+        self, *, state: str | None = None, limit: int = 100, before: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Newest first, without the raw bytes."""
+        columns = [c for c in MESSAGE.c if c.name not in ("raw", "prepend")]
+        query = select(*columns).order_by(MESSAGE.c.id.desc()).limit(limit)
+        if state:
+            query = query.where(MESSAGE.c.state == state)
+        if before:
+            query = query.where(MESSAGE.c.id < before)
+
+        def read(connection: Connection) -> list[dict[str, Any]]:
+            return [dict(row._mapping) for row in connection.execute(query)]
+
+        result: list[dict[str, Any]] = await self.committer.read(read)
+        return result
+
+    async def get_message(
+        self, message_id: str, *, with_raw: bool = False
+    ) -> dict[str, Any] | None:
+        """One message with its deliveries, or None."""
+        columns = [c for c in MESSAGE.c if with_raw or c.name not in ("raw", "prepend")]
+
+        def read(connection: Connection) -> dict[str, Any] | None:
+            row = connection.execute(select(*columns).where(MESSAGE.c.id == message_id)).first()
+            if row is None:
+                return None
+            result = dict(row._mapping)
+            result["deliveries"] = [
+                dict(d._mapping)
+                for d in connection.execute(
+                    select(DELIVERY)
+                    .where(DELIVERY.c.message_id == message_id)
+                    .order_by(DELIVERY.c.id)
+                )
+            ]
+            return result
+
+        result: dict[str, Any] | None = await self.committer.read(read)
+        return result
+
+    async def counts(self) -> dict[str, int]:
+        """Messages per state (for /metrics and the queue summary)."""
+
+        def read(connection: Connection) -> dict[str, int]:
+            rows = connection.execute(text("SELECT state, COUNT(*) FROM message GROUP BY state"))
+            return {state: count for state, count in rows}
+
+        result: dict[str, int] = await self.committer.read(read)
+        return result
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryOutcome:
+    recipient: str
+    state: DeliveryState
+    code: int | None = None
+    reply: str | None = None
