@@ -142,6 +142,16 @@ class NewMessage:
     id: str = field(default_factory=new_message_id)
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryOutcome:
+    """What happened to one recipient on one attempt."""
+
+    recipient: str
+    state: DeliveryState
+    code: int | None = None
+    reply: str | None = None
+
+
 @dataclass(slots=True)
 class QueuedMessage:
     """A claimed message, as the worker and its pipeline see it."""
@@ -159,6 +169,8 @@ class QueuedMessage:
     created_at: float
     # Filled by steps as they run; written back with the outcome.
     pending_recipients: list[str] = field(default_factory=list)
+    outcomes: list[DeliveryOutcome] = field(default_factory=list)
+    failures: list[Any] = field(default_factory=list)  # relay results that failed for good
     facts: dict[str, Any] = field(default_factory=dict)
 
 
@@ -185,6 +197,11 @@ class Store:
 
     async def accept(self, message: NewMessage) -> str:
         """Store a message and its recipients; returns its id once it is durably committed."""
+        result: str = await self.committer.write(self.inserting(message))
+        return result
+
+    def inserting(self, message: NewMessage) -> Write:
+        """The write that stores ``message``; also used inside other transactions (bounces)."""
         now = self.clock()
         row = {
             "id": message.id,
@@ -221,8 +238,7 @@ class Store:
                 connection.execute(insert(DELIVERY), deliveries)
             return message.id
 
-        result: str = await self.committer.write(write)
-        return result
+        return write
 
     # -- claiming ----------------------------------------------------------------------------
 
@@ -464,11 +480,3 @@ class Store:
 
         result: dict[str, int] = await self.committer.read(read)
         return result
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryOutcome:
-    recipient: str
-    state: DeliveryState
-    code: int | None = None
-    reply: str | None = None

@@ -1,0 +1,110 @@
+"""The steps of the submission pipeline: normalise, DKIM-sign, relay.
+
+Each step works on a :class:`QueuedMessage` and keeps its results on the item (``prepend`` for
+header lines we add, ``outcomes`` for per-recipient delivery results), which the worker writes back
+in the same transaction as the message's new state. Steps import the vocabulary (errors, message,
+store types), never protocol code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from gateway.errors import Defer
+from gateway.message import (
+    addresses,
+    domain_of,
+    header_block,
+    missing_header_lines,
+    outgoing,
+    parse_headers,
+)
+from gateway.relay import Relay
+from gateway.store.models import DeliveryState
+from gateway.store.queue import DeliveryOutcome, QueuedMessage
+
+LARGE_MESSAGE = 256 * 1024  # sign bigger messages in a thread so the event loop stays responsive
+
+
+class Signer(Protocol):
+    def has_key(self, domain: str) -> bool: ...
+
+    def sign(self, message: bytes, *, domain: str) -> bytes: ...
+
+
+class Normalise:
+    """Add the Message-ID and Date a client left out (RFC 6409 §8); Bcc is dropped on output."""
+
+    name = "normalise"
+    durable = False
+
+    def __init__(self, *, hostname: str, clock: Callable[[], float] = time.time) -> None:
+        self.hostname = hostname
+        self.clock = clock
+
+    async def __call__(self, item: QueuedMessage) -> None:
+        if item.prepend:
+            return  # added on an earlier attempt; the same lines must go out every time
+        headers = parse_headers(item.raw)
+        item.prepend = missing_header_lines(headers, hostname=self.hostname, now=self.clock())
+
+
+class DkimSign:
+    """Sign what will go out with the key of the From domain (or its nearest parent)."""
+
+    name = "dkim-sign"
+    durable = False
+
+    def __init__(self, signer: Signer | None) -> None:
+        self.signer = signer
+
+    async def __call__(self, item: QueuedMessage) -> None:
+        if self.signer is None or b"DKIM-Signature:" in header_block(item.prepend or b"x"):
+            return
+        senders = addresses(parse_headers(item.raw), "From")
+        domain = domain_of(senders[0]) if senders else domain_of(item.mail_from)
+        if not domain or not self.signer.has_key(domain):
+            return
+        message = outgoing(item.raw, item.prepend)
+        if len(message) > LARGE_MESSAGE:
+            signature = await asyncio.to_thread(self.signer.sign, message, domain=domain)
+        else:
+            signature = self.signer.sign(message, domain=domain)
+        item.prepend = signature + item.prepend
+
+
+class RelayUpstream:
+    """Hand the message to the upstream route; one outcome per recipient still pending."""
+
+    name = "relay"
+    durable = True
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    async def __call__(self, item: QueuedMessage) -> None:
+        if not item.pending_recipients:
+            return
+        results = await self.relay.send(
+            item.mail_from, item.pending_recipients, outgoing(item.raw, item.prepend)
+        )
+        temporary = []
+        for result in results:
+            if result.delivered:
+                state = DeliveryState.DELIVERED
+            elif result.permanent:
+                state = DeliveryState.FAILED
+                item.failures.append(result)
+            else:
+                state = DeliveryState.PENDING
+                temporary.append(result)
+            item.outcomes.append(
+                DeliveryOutcome(result.recipient, state, code=result.code, reply=result.text)
+            )
+        item.pending_recipients = [r.recipient for r in temporary]
+        if temporary:
+            first = temporary[0]
+            raise Defer(f"{first.code} {first.text}".strip(), code=first.code)
