@@ -127,13 +127,15 @@ class Settings(BaseSettings):
 
 
 def secret_bytes(secret: str) -> bytes:
-    """Decode a Standard Webhooks secret (``whsec_`` + base64 of 24–64 random bytes)."""
+    """Decode a Standard Webhooks secret (``whsec_`` + base64 of 24-64 random bytes)."""
     if not secret.startswith("whsec_"):
         raise ValueError("a webhook secret must start with 'whsec_' (run `mailgate crm secret`)")
     try:
         key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError("the part after 'whsec_' must be base64 (run `mailgate crm secret`)")
+        raise ValueError(
+            "the part after 'whsec_' must be base64 (run `mailgate crm secret`)"
+        ) from None
     if not 24 <= len(key) <= 64:
         raise ValueError("a webhook secret must decode to 24-64 bytes (run `mailgate crm secret`)")
     return key
@@ -159,9 +161,13 @@ def load_settings(path: str | Path | None = None) -> Settings:
         try:
             data = tomllib.loads(file.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError(f"{file}: no such config file; create it or pass --config PATH")
+            raise ConfigError(
+                f"{file}: no such config file; create it or pass --config PATH"
+            ) from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{file}: not valid TOML ({exc}); fix the syntax at that line")
+            raise ConfigError(
+                f"{file}: not valid TOML ({exc}); fix the syntax at that line"
+            ) from None
     try:
         return Settings(**data)
     except ValidationError as exc:
