@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-import time
-import uuid
 from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import Message
@@ -87,18 +85,16 @@ def dedupe_key(raw: bytes) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-def make_message_id(hostname: str) -> str:
-    return f"<{uuid.uuid4().hex}.{int(time.time())}@{hostname}>"
-
-
-def missing_header_lines(headers: Message, *, hostname: str, now: float) -> bytes:
+def missing_header_lines(headers: Message, *, local_id: str, hostname: str, now: float) -> bytes:
     """Message-ID and Date lines a submission server adds when the client left them out.
 
-    RFC 6409 §8.2 and §8.3 allow (and RFC 5322 needs) both; we add only what is missing.
+    RFC 6409 §8.2 and §8.3 allow (and RFC 5322 needs) both; we add only what is missing. Both
+    derive from the stored message (its id and arrival time), so a retry after a crash adds the
+    very same lines and the email keeps one identity.
     """
     lines = b""
     if headers.get("Message-ID") is None:
-        lines += f"Message-ID: {make_message_id(hostname)}\r\n".encode("ascii")
+        lines += f"Message-ID: <{local_id}@{hostname}>\r\n".encode("ascii")
     if headers.get("Date") is None:
         date = format_datetime(datetime.fromtimestamp(now, UTC))
         lines += f"Date: {date}\r\n".encode("ascii")

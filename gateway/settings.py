@@ -10,6 +10,8 @@ names the key and the fix, which the CLI prints as it is.
 from __future__ import annotations
 
 import difflib
+import ipaddress
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -21,7 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from gateway.errors import ConfigError
 
-DEFAULT_CONFIG_PATH = Path("conf/mailgate.toml")
+DEFAULT_CONFIG_PATH = Path("mailgate.toml")  # conf/mailgate.toml is the documented template
 CONFIG_ENV = "MAILGATE_CONFIG"
 
 
@@ -31,59 +33,105 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def opt(default: Any = ..., doc: str = "", **kw: Any) -> Any:
+    """A field with its one-line comment; the comment is what ``conf/mailgate.toml`` shows."""
+    if default is list or (callable(default) and not isinstance(default, type)):
+        return Field(default_factory=default, description=doc, **kw)
+    return Field(default=default, description=doc, **kw)
+
+
 class ServerSettings(Section):
-    hostname: str = "mailgate.localhost"
-    data_dir: Path = Path("var")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """The process as a whole."""
+
+    hostname: str = opt("mailgate.localhost", "Our name in SMTP greetings, Message-IDs and DSNs")
+    data_dir: Path = opt(Path("var"), "Where the database, keys and certificates live by default")
+    log_level: Literal["debug", "info", "warning", "error"] = opt("info", "Log verbosity")
 
 
 class DatabaseSettings(Section):
-    url: str = "sqlite:///var/mailgate.db"
-    # Accepting sessions share one transaction when they arrive within this window (group commit).
-    group_commit_window_ms: float = Field(default=2.0, ge=0, le=100)
-    group_commit_max_batch: int = Field(default=128, ge=1, le=10_000)
-    # A worker that dies leaves its claims behind; another may take them after this long.
-    lease_seconds: int = Field(default=300, ge=10)
+    """The one SQL database: SQLite by default, PostgreSQL for several gateway processes."""
+
+    url: str = opt(
+        "sqlite:///var/mailgate.db",
+        "sqlite:///FILE or postgresql+psycopg://USER:PASSWORD@HOST/DB",
+    )
+    group_commit_window_ms: float = opt(
+        0.0,
+        "Extra wait for more messages to share a commit (0: only while one is in flight)",
+        ge=0,
+        le=100,
+    )
+    group_commit_max_batch: int = opt(128, "Most writes in one transaction", ge=1, le=10_000)
+    lease_seconds: int = opt(
+        300, "A claimed message returns to the queue after this long if its worker died", ge=10
+    )
 
 
 class SubmissionSettings(Section):
-    enabled: bool = True
-    listen: str = "127.0.0.1"
-    # 587 and 465 in production; high ports by default so a first run needs no root.
-    port: int = Field(default=8587, ge=0, le=65535)
-    tls_port: int = Field(default=8465, ge=0, le=65535)
-    cert_file: Path = Path("var/tls/cert.pem")
-    key_file: Path = Path("var/tls/key.pem")
-    # AUTH is only offered over TLS; this lets loopback clients (a local CRM) skip TLS.
-    allow_plaintext_auth_on_loopback: bool = False
-    max_message_size: int = Field(default=35 * 1024 * 1024, ge=1024)
-    max_recipients: int = Field(default=100, ge=1)  # RFC 5321 §4.5.3.1.8: at least 100
-    # RFC 5321 §4.5.3.2.7: the server should wait five minutes for a command.
-    timeout_seconds: float = Field(default=300, gt=0)
-    max_auth_failures: int = Field(default=3, ge=1)
+    """The door for reps' mail clients (RFC 6409): AUTH required, over TLS."""
+
+    enabled: bool = opt(True, "Listen for mail clients at all")
+    listen: str = opt("127.0.0.1", "Address to listen on (0.0.0.0 or :: for all)")
+    port: int = opt(8587, "STARTTLS submission port (587 in production)", ge=0, le=65535)
+    tls_port: int = opt(
+        8465, "Implicit-TLS submission port (465 in production; 0: off)", ge=0, le=65535
+    )
+    cert_file: Path = opt(Path("var/tls/cert.pem"), "TLS certificate chain (PEM)")
+    key_file: Path = opt(Path("var/tls/key.pem"), "TLS private key (PEM)")
+    allow_plaintext_auth_on_loopback: bool = opt(
+        False, "Let clients on 127.0.0.1/::1 log in without TLS (a CRM on the same host)"
+    )
+    trusted_networks: list[str] = opt(
+        list, "Networks that may relay without AUTH, like Postfix's mynetworks (CIDR)"
+    )
+    max_message_size: int = opt(35 * 1024 * 1024, "Largest message in bytes (SIZE)", ge=1024)
+    max_recipients: int = opt(
+        100, "Recipients per message; RFC 5321 section 4.5.3.1.8 asks for at least 100", ge=1
+    )
+    timeout_seconds: float = opt(
+        300, "Idle time before a session is closed (RFC 5321 section 4.5.3.2.7)", gt=0
+    )
+    max_auth_failures: int = opt(3, "Failed logins before the connection is closed", ge=1)
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not a network like 10.0.0.0/8") from None
+        return value
 
 
 class RelaySettings(Section):
-    mode: Literal["smarthost", "mx"] = "smarthost"
-    host: str = "127.0.0.1"
-    port: int = Field(default=25, ge=1, le=65535)
-    security: Literal["starttls", "tls", "none"] = "starttls"
-    # STARTTLS only when the smarthost offers it; never set this for a host on the internet.
-    require_tls: bool = True
-    verify_certificate: bool = True
-    ca_file: Path | None = None
-    username: str = ""
-    password: str = ""
-    helo_name: str = ""
-    connect_timeout_seconds: float = Field(default=30, gt=0)
-    command_timeout_seconds: float = Field(default=120, gt=0)
-    max_connections: int = Field(default=8, ge=1, le=256)
-    # Minutes-to-hours backoff, as MTAs do; the last value repeats until the lifetime ends.
-    retry_schedule_seconds: list[float] = Field(
-        default_factory=lambda: [60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0]
+    """Where accepted mail goes: a smarthost, or straight to each domain's MX."""
+
+    mode: Literal["smarthost", "mx"] = opt("smarthost", "smarthost or mx")
+    host: str = opt("127.0.0.1", "Smarthost name or address")
+    port: int = opt(25, "Smarthost port (587 for STARTTLS submission, 465 for TLS)", ge=1, le=65535)
+    security: Literal["starttls", "tls", "none"] = opt(
+        "starttls", "starttls, tls (implicit) or none"
     )
-    queue_lifetime_seconds: float = Field(default=5 * 24 * 3600, gt=0)
-    bounce_sender: str = ""  # empty: MAILER-DAEMON@<server.hostname>
+    require_tls: bool = opt(
+        True, "Fail (and retry later) rather than send in clear when STARTTLS is not offered"
+    )
+    verify_certificate: bool = opt(True, "Check the upstream's certificate and name")
+    ca_file: Path | None = opt(None, "Extra CA bundle to trust (PEM); unset: the system's")
+    username: str = opt("", "Smarthost AUTH user (empty: no AUTH)")
+    password: str = opt("", "Smarthost AUTH password")
+    helo_name: str = opt("", "Name in our EHLO (empty: server.hostname)")
+    connect_timeout_seconds: float = opt(30, "Connecting to the upstream", gt=0)
+    command_timeout_seconds: float = opt(120, "Waiting for any one upstream reply", gt=0)
+    max_connections: int = opt(8, "Open connections per upstream route", ge=1, le=256)
+    retry_schedule_seconds: list[float] = opt(
+        lambda: [60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0],
+        "Delays between attempts; the last one repeats until the queue lifetime ends",
+    )
+    queue_lifetime_seconds: float = opt(
+        5 * 24 * 3600, "Give up and bounce after this long (5 days, as MTAs do)", gt=0
+    )
+    bounce_sender: str = opt("", "From address of DSNs (empty: MAILER-DAEMON@server.hostname)")
 
     @field_validator("retry_schedule_seconds")
     @classmethod
@@ -94,12 +142,13 @@ class RelaySettings(Section):
 
 
 class DkimSettings(Section):
-    enabled: bool = True
-    key_dir: Path = Path("var/dkim")
-    selector: str = "mailgate"
-    # RFC 6376 §5.4.1 recommends these; From is required.
-    headers: list[str] = Field(
-        default_factory=lambda: [
+    """DKIM signing of outgoing mail (keys: `mailgate dkim keygen DOMAIN`)."""
+
+    enabled: bool = opt(True, "Sign mail from domains we hold a key for")
+    key_dir: Path = opt(Path("var/dkim"), "Where keys live: KEY_DIR/DOMAIN/SELECTOR.*.pem")
+    selector: str = opt("mailgate", "Selector for new keys")
+    headers: list[str] = opt(
+        lambda: [
             "from",
             "to",
             "cc",
@@ -112,31 +161,39 @@ class DkimSettings(Section):
             "mime-version",
             "content-type",
             "content-transfer-encoding",
-        ]
+        ],
+        "Headers to sign (RFC 6376 section 5.4.1); From is always signed",
     )
 
 
 class DnsSettings(Section):
-    nameservers: list[str] = Field(default_factory=list)  # empty: the system's resolv.conf
-    port: int = Field(default=53, ge=1, le=65535)
-    timeout_seconds: float = Field(default=5.0, gt=0)
+    """The resolver used for MX lookups (and later SPF, DKIM and DMARC)."""
+
+    nameservers: list[str] = opt(list, "Name servers to ask (empty: the system's resolv.conf)")
+    port: int = opt(53, "Their port", ge=1, le=65535)
+    timeout_seconds: float = opt(5.0, "Give up on a query after this long", gt=0)
 
 
 class ApiSettings(Section):
-    enabled: bool = True
-    listen: str = "127.0.0.1"
-    port: int = Field(default=8026, ge=0, le=65535)
+    """The admin HTTP API (queue, health, metrics)."""
+
+    enabled: bool = opt(True, "Serve the admin API")
+    listen: str = opt("127.0.0.1", "Address to listen on")
+    port: int = opt(8026, "Port", ge=0, le=65535)
 
 
 class WorkerSettings(Section):
-    concurrency: int = Field(default=32, ge=1, le=1024)
-    poll_interval_seconds: float = Field(default=1.0, gt=0)
+    """The queue runner."""
+
+    concurrency: int = opt(32, "Messages worked on at once", ge=1, le=1024)
+    poll_interval_seconds: float = opt(1.0, "How often to look for retries that came due", gt=0)
 
 
 class CrmSettings(Section):
-    # Start the bundled CRM (crm_api) beside the gateway; the gateway still talks to it by HTTP.
-    embedded: bool = True
-    url: str = "http://127.0.0.1:8025"
+    """The CRM the gateway reports to."""
+
+    embedded: bool = opt(True, "Start the bundled CRM beside the gateway (`mailgate serve`)")
+    url: str = opt("http://127.0.0.1:8025", "Base URL of the CRM; the gateway only talks HTTP")
 
 
 class Settings(BaseSettings):
@@ -234,3 +291,39 @@ def _suggest(loc: tuple[int | str, ...]) -> str:
         prefix = ".".join(str(part) for part in loc[:-1])
         return f"; did you mean `{prefix + '.' if prefix else ''}{close[0]}`?"
     return "; remove it (conf/mailgate.toml lists every option)"
+
+
+HEADER = """\
+# Mailgate configuration. Every option is listed with its default and what it does.
+# Environment variables override single keys: MAILGATE_<SECTION>__<KEY>, e.g.
+#   MAILGATE_RELAY__HOST=smtp.example.com
+# `mailgate init` writes this file; `mailgate config check` validates it.
+"""
+
+
+def render_toml(settings: Settings | None = None) -> str:
+    """The whole configuration as commented TOML: the documentation and the file are one."""
+    settings = settings or Settings()
+    out = [HEADER]
+    for name in Settings.model_fields:
+        section = getattr(settings, name)
+        out.append(f"\n# {(type(section).__doc__ or '').strip()}\n[{name}]")
+        for key, info in type(section).model_fields.items():
+            value = getattr(section, key)
+            out.append(f"# {info.description}")
+            if value is None:
+                out.append(f"# {key} =")
+            else:
+                out.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(out) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    # JSON string escapes are valid TOML basic-string escapes.
+    return json.dumps(str(value), ensure_ascii=False)

@@ -9,8 +9,6 @@ store types), never protocol code.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from typing import Protocol
 
 from gateway.errors import Defer
@@ -41,15 +39,18 @@ class Normalise:
     name = "normalise"
     durable = False
 
-    def __init__(self, *, hostname: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, *, hostname: str) -> None:
         self.hostname = hostname
-        self.clock = clock
 
     async def __call__(self, item: QueuedMessage) -> None:
         if item.prepend:
             return  # added on an earlier attempt; the same lines must go out every time
         headers = parse_headers(item.raw)
-        item.prepend = missing_header_lines(headers, hostname=self.hostname, now=self.clock())
+        item.prepend = missing_header_lines(
+            headers, local_id=item.id, hostname=self.hostname, now=item.created_at
+        )
+        if item.header_message_id is None and item.prepend.startswith(b"Message-ID:"):
+            item.header_message_id = f"{item.id}@{self.hostname}"
 
 
 class DkimSign:

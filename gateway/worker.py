@@ -86,6 +86,9 @@ class Worker:
                 await self._claim_and_start()
             except StoreError as exc:
                 log.error("cannot claim work: %s", exc)
+            except Exception:
+                # The runner must outlive any bug: log it and try again at the next tick.
+                log.exception("worker loop failed; retrying")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._tick.wait(), self.settings.poll_interval_seconds)
             self._tick.clear()

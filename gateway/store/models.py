@@ -10,8 +10,15 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from sqlalchemy import JSON, Column, Index, LargeBinary
+from sqlalchemy import JSON, Column, Index, LargeBinary, MetaData
 from sqlmodel import Field, SQLModel
+
+
+class GatewayTable(SQLModel):
+    """Base of the gateway's tables: their own MetaData, so the bundled CRM's tables (which may
+    share table names such as ``user``) can be imported in the same process."""
+
+    metadata = MetaData()
 
 
 class Source(StrEnum):
@@ -37,7 +44,7 @@ class DeliveryState(StrEnum):
     FAILED = "failed"
 
 
-class Message(SQLModel, table=True):
+class Message(GatewayTable, table=True):
     __tablename__ = "message"
     __table_args__ = (Index("ix_message_due", "state", "next_attempt_at"),)
 
@@ -62,7 +69,7 @@ class Message(SQLModel, table=True):
     last_error: str | None = None
 
 
-class Delivery(SQLModel, table=True):
+class Delivery(GatewayTable, table=True):
     """One recipient of one message: what the upstream last said, and whether we are done."""
 
     __tablename__ = "delivery"
@@ -77,7 +84,7 @@ class Delivery(SQLModel, table=True):
     updated_at: float
 
 
-class User(SQLModel, table=True):
+class User(GatewayTable, table=True):
     """Someone who may submit mail; ``password_hash`` is Argon2id (salted, deliberately slow)."""
 
     __tablename__ = "user"
@@ -90,7 +97,7 @@ class User(SQLModel, table=True):
     created_at: float
 
 
-class UserAddress(SQLModel, table=True):
+class UserAddress(GatewayTable, table=True):
     """An address a user may send as: their login address and any aliases (``@domain`` for all)."""
 
     __tablename__ = "user_address"
@@ -100,7 +107,7 @@ class UserAddress(SQLModel, table=True):
     address: str = Field(unique=True, max_length=320)
 
 
-class ApiToken(SQLModel, table=True):
+class ApiToken(GatewayTable, table=True):
     """A bearer token for the admin API; only its SHA-256 is kept (tokens are random, 256 bits)."""
 
     __tablename__ = "api_token"

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, delete, insert, select, text, update
+from sqlalchemy import JSON, Connection, Engine, bindparam, delete, insert, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.errors import StoreError
@@ -259,7 +259,7 @@ class Store:
             f"ORDER BY next_attempt_at LIMIT {int(limit)}{skip_locked}) AND {free} "
             "RETURNING id, source, mail_from, rcpt_tos, raw, prepend, username, "
             "header_message_id, steps_done, attempts, created_at"
-        ).columns(rcpt_tos=MESSAGE.c.rcpt_tos, steps_done=MESSAGE.c.steps_done)
+        ).columns(rcpt_tos=JSON, steps_done=JSON)
         if ids:
             statement = statement.bindparams(bindparam("ids", expanding=True))
 
@@ -324,6 +324,7 @@ class Store:
         values: dict[str, Any] = {
             "steps_done": item.steps_done,
             "prepend": item.prepend,
+            "header_message_id": item.header_message_id,
             "updated_at": now,
         }
         if state is not None:

@@ -1,0 +1,1 @@
+"""The admin HTTP API (FastAPI): queue operations, health and Prometheus metrics."""

@@ -1,0 +1,162 @@
+"""The admin API: the queue as resources, ``/healthz`` and ``/metrics``, behind admin tokens.
+
+It runs in the gateway's own event loop (a uvicorn server beside the SMTP doors) and uses the same
+:class:`Store` as the worker, so a retry asked for here wakes the worker at once. Everything the
+app needs arrives in :func:`create_api`'s arguments and lives on ``app.state``; nothing is read at
+import time, so tests can build as many apps as they like. Every error is JSON with a ``detail``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine, text
+from sqlmodel import Session
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.errors import StoreError
+from gateway.metrics import Metrics
+from gateway.store.models import MessageState
+from gateway.store.queue import Store
+from gateway.users import user_for_token
+
+
+@dataclass(frozen=True, slots=True)
+class ApiContext:
+    store: Store
+    engine: Engine
+    metrics: Metrics
+    wake: Callable[[str], None]
+
+
+_bearer = HTTPBearer(auto_error=False, description="an admin token from `mailgate token create`")
+
+
+def _context(request: Request) -> ApiContext:
+    context: ApiContext = request.app.state.context
+    return context
+
+
+Context = Annotated[ApiContext, Depends(_context)]
+
+
+async def _admin(
+    context: Context,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    if credentials is None:
+        raise HTTPException(401, "an admin token is required: Authorization: Bearer <token>")
+
+    def lookup() -> str | None:
+        with Session(context.engine) as session:
+            user = user_for_token(session, credentials.credentials)
+            return user.email if user is not None and user.is_admin else None
+
+    email = await asyncio.to_thread(lookup)
+    if email is None:
+        raise HTTPException(401, "this token is not valid (revoked, or its user is disabled)")
+    return email
+
+
+Admin = Annotated[str, Depends(_admin)]
+
+
+def create_api(context: ApiContext) -> FastAPI:
+    app = FastAPI(title="Mailgate admin API", version="1")
+    app.state.context = context
+    _install_error_handlers(app)
+
+    @app.get("/healthz")
+    async def healthz(context: Context) -> dict[str, Any]:
+        """200 when the database answers; 503 otherwise (the load balancer stops sending)."""
+        started = time.perf_counter()
+
+        def ping(connection: Any) -> None:
+            connection.execute(text("SELECT 1"))
+
+        try:
+            await context.store.committer.read(ping)
+        except StoreError as exc:
+            raise HTTPException(503, f"database unavailable: {exc}") from None
+        return {"status": "ok", "database_ms": round((time.perf_counter() - started) * 1000, 2)}
+
+    @app.get("/metrics")
+    async def metrics(context: Context) -> Response:
+        """Prometheus text format; queue depth is read from the store at each scrape."""
+        # The counters are still worth serving when the database is down; healthz reports that.
+        with contextlib.suppress(StoreError):
+            context.metrics.set_queue_depth(await context.store.counts())
+        return Response(context.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/api/v1/queue")
+    async def list_queue(
+        context: Context,
+        _admin: Admin,
+        state: Annotated[MessageState | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        before: Annotated[str | None, Query(max_length=32)] = None,
+    ) -> dict[str, Any]:
+        """Messages newest first; page with ``before=<the last id you saw>``."""
+        rows = await context.store.list_messages(
+            state=state.value if state else None, limit=limit, before=before
+        )
+        return {"messages": rows, "next_before": rows[-1]["id"] if len(rows) == limit else None}
+
+    @app.get("/api/v1/queue/{message_id}")
+    async def show(context: Context, _admin: Admin, message_id: str) -> dict[str, Any]:
+        row = await context.store.get_message(message_id)
+        if row is None:
+            raise HTTPException(404, f"no message {message_id} in the queue")
+        return row
+
+    @app.post("/api/v1/queue/{message_id}/retry")
+    async def retry(context: Context, _admin: Admin, message_id: str) -> dict[str, Any]:
+        if not await context.store.retry_now(message_id):
+            raise HTTPException(404, f"no message {message_id} that can be retried")
+        context.wake(message_id)
+        return {"id": message_id, "state": "queued"}
+
+    @app.delete("/api/v1/queue/{message_id}")
+    async def delete(context: Context, _admin: Admin, message_id: str) -> dict[str, Any]:
+        if not await context.store.delete(message_id):
+            raise HTTPException(404, f"no message {message_id} in the queue")
+        return {"id": message_id, "deleted": True}
+
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"detail": exc.detail},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
+        ]
+        return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+
+    @app.exception_handler(StoreError)
+    async def store_error(_request: Request, exc: StoreError) -> JSONResponse:
+        return JSONResponse({"detail": f"database unavailable: {exc}"}, status_code=503)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(
+            {"detail": f"internal error ({type(exc).__name__}); see the gateway's log"},
+            status_code=500,
+        )

@@ -1,0 +1,165 @@
+"""The composition root: settings in, a running gateway out.
+
+This is the only module that knows every part: it builds the engine and store, the relay and
+signer, the pipeline steps, the worker, the SMTP doors and the admin API, wires them together, and
+starts and stops them in order. Everything else receives what it needs as arguments. Start order
+is store → worker → API → SMTP (doors open last, once everything behind them runs); stop order is
+the reverse, so no door accepts a message that nothing could store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+from gateway.api.app import ApiContext, create_api
+from gateway.dkim import DkimSigner
+from gateway.dns import make_resolver
+from gateway.errors import ConfigError
+from gateway.metrics import Metrics
+from gateway.pipeline import build_pipelines
+from gateway.relay import Relay
+from gateway.settings import Settings
+from gateway.smtp.handlers import SubmissionHandler
+from gateway.smtp.server import SmtpListener, check_aiosmtpd_version, server_tls_context
+from gateway.steps import DkimSign, Normalise, RelayUpstream
+from gateway.store.db import make_engine, migrate
+from gateway.store.queue import GroupCommitter, Store
+from gateway.users import Authenticator
+from gateway.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn inside our loop: the gateway owns the signals, not uvicorn."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Mailgate:
+    """The whole gateway process."""
+
+    def __init__(self, settings: Settings) -> None:
+        check_aiosmtpd_version()
+        self.settings = settings
+        self.engine = make_engine(settings.database.url)
+        self.metrics = Metrics()
+        self.listener: SmtpListener | None = None
+        self.http: list[_EmbeddedUvicorn] = []
+        self._http_tasks: list[asyncio.Task[None]] = []
+        self.extra_apps: list[tuple[Any, str, int]] = []  # (ASGI app, host, port), e.g. the CRM
+
+    async def start(self) -> None:
+        settings = self.settings
+        await asyncio.to_thread(migrate, self.engine)
+        self.committer = GroupCommitter(
+            self.engine,
+            window=settings.database.group_commit_window_ms / 1000,
+            max_batch=settings.database.group_commit_max_batch,
+        )
+        await self.committer.start()
+        self.store = Store(
+            self.engine, self.committer, lease_seconds=settings.database.lease_seconds
+        )
+        self.relay = Relay(
+            settings.relay,
+            hostname=settings.server.hostname,
+            resolver=make_resolver(settings.dns),
+        )
+        signer = DkimSigner.from_settings(settings.dkim) if settings.dkim.enabled else None
+        pipelines = build_pipelines(
+            normalise=Normalise(hostname=settings.server.hostname),
+            sign=DkimSign(signer),
+            relay=RelayUpstream(self.relay),
+        )
+        self.worker = Worker(
+            store=self.store,
+            pipelines=pipelines,
+            settings=settings.worker,
+            relay_settings=settings.relay,
+            hostname=settings.server.hostname,
+            metrics=self.metrics,
+        )
+        await self.worker.start()
+
+        if settings.api.enabled:
+            api = create_api(
+                ApiContext(
+                    store=self.store,
+                    engine=self.engine,
+                    metrics=self.metrics,
+                    wake=self.worker.wake,
+                )
+            )
+            await self._serve_http(api, settings.api.listen, settings.api.port)
+        for app, host, port in self.extra_apps:
+            await self._serve_http(app, host, port)
+
+        if settings.submission.enabled:
+            handler = SubmissionHandler(
+                store=self.store,
+                authenticator=Authenticator(self.engine),
+                settings=settings.submission,
+                metrics=self.metrics,
+                trusted_networks=[
+                    ipaddress.ip_network(n, strict=False)
+                    for n in settings.submission.trusted_networks
+                ],
+                on_accepted=self.worker.wake,
+            )
+            self.listener = SmtpListener(
+                handler,
+                settings=settings.submission,
+                hostname=settings.server.hostname,
+                tls_context=server_tls_context(
+                    settings.submission.cert_file, settings.submission.key_file
+                ),
+            )
+            await self.listener.start()
+        self.worker.wake()  # anything left from before a restart starts now
+
+    async def _serve_http(self, app: Any, host: str, port: int) -> None:
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+        server = _EmbeddedUvicorn(config)
+        task = asyncio.create_task(server.serve(), name=f"http-{port}")
+        # Wait until it listens (or fails), so "started" means reachable.
+        deadline = asyncio.get_running_loop().time() + 30
+        while not server.started:
+            if task.done() or asyncio.get_running_loop().time() > deadline:
+                # uvicorn logs the reason (usually: the port is in use) and exits its task.
+                raise ConfigError(
+                    f"cannot serve HTTP on {host}:{port} (see the log above); "
+                    "free the port or change it in the config"
+                )
+            await asyncio.sleep(0.01)
+        self.http.append(server)
+        self._http_tasks.append(task)
+
+    async def stop(self) -> None:
+        if self.listener is not None:
+            await self.listener.stop()
+        for server in self.http:
+            server.should_exit = True
+        if self._http_tasks:
+            await asyncio.wait(self._http_tasks, timeout=10)
+        await self.worker.stop()
+        await self.relay.aclose()
+        await self.committer.stop()
+        self.engine.dispose()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.start()
+        log.info("Mailgate running")
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
