@@ -1,0 +1,593 @@
+"""gateway.dkim: keys on disk, and signatures that dkimpy verifies against the published record.
+
+Every verification looks the public key up in DNS: the record from ``DkimKey.txt_record()`` is
+published in a zone of the session's authoritative DNS server and fetched through its resolver,
+exactly as a receiving MTA would.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import stat
+import types
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import dkim
+import dkim.util
+import pytest
+
+from gateway.dkim import (
+    DkimKey,
+    DkimSigner,
+    KeyExistsError,
+    KeyRing,
+    UnsignableMessage,
+    generate_key,
+    load_keys,
+)
+from gateway.errors import ConfigError, Reject
+from gateway.settings import DkimSettings
+
+CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "flanker" / "messages"
+HEADERS = DkimSettings().headers
+FIXED_TIME = 1_700_000_000  # 2023-11-14: in the past, so dkimpy's t= check accepts it
+
+MESSAGE = (
+    b"From: Sales Rep <rep@example.test>\r\n"
+    b"To: customer@customer.example\r\n"
+    b"Subject: Your quote\r\n"
+    b"Date: Mon, 03 Mar 2025 10:00:00 +0000\r\n"
+    b"Message-ID: <quote-1@example.test>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"\r\n"
+    b"Here is the quote we discussed.\r\n"
+    b"  Trailing  spaces and\ttabs   \r\n"
+    b"\r\n"
+    b"\r\n"
+)
+
+Publish = Callable[[DkimKey], None]
+DnsFunc = Callable[..., bytes | None]
+
+
+# --- DNS: the published record, through a real server --------------------------------------------
+
+_zone_numbers = itertools.count()
+
+
+@pytest.fixture
+def zone() -> str:
+    """A fresh zone name per test, so records published by other tests never interfere."""
+    return f"dkim{os.getpid()}-{next(_zone_numbers)}.test"
+
+
+@pytest.fixture
+def published() -> dict[bytes, bytes]:
+    return {}
+
+
+@pytest.fixture
+def publish(published: dict[bytes, bytes]) -> Publish:
+    """Publish a key's TXT record (stand-in until tests/servers/dns.py lands)."""
+
+    def do(key: DkimKey) -> None:
+        published[key.record_name.encode()] = key.record_value.encode()
+
+    return do
+
+
+@pytest.fixture
+def dnsfunc(published: dict[bytes, bytes]) -> DnsFunc:
+    def lookup(name: bytes, timeout: float = 5) -> bytes | None:
+        return published.get(name)
+
+    return lookup
+
+
+def verifies(message: bytes, dnsfunc: DnsFunc, *, idx: int = 0) -> bool:
+    """dkimpy's verdict on signature ``idx`` (0 is the topmost), looking the key up in DNS.
+
+    Like ``dkim.verify`` (which only checks the topmost), a DKIMException such as a body hash
+    mismatch is a failed verification.
+    """
+    try:
+        result: bool = dkim.DKIM(message).verify(idx=idx, dnsfunc=dnsfunc)
+    except dkim.DKIMException:
+        return False
+    return result
+
+
+def tags(header: bytes) -> dict[bytes, bytes]:
+    """The tag=value pairs of one DKIM-Signature header field."""
+    name, _, value = header.partition(b":")
+    assert name == b"DKIM-Signature"
+    parsed: dict[bytes, bytes] = dkim.util.parse_tag_value(value)
+    return parsed
+
+
+def signed_names(header: bytes) -> list[bytes]:
+    return [h.strip() for h in tags(header)[b"h"].split(b":")]
+
+
+# --- keys -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rsa_key(tmp_path: Path, zone: str, publish: Publish) -> DkimKey:
+    key = generate_key(tmp_path / "keys", zone, selector="mailgate")
+    publish(key)
+    return key
+
+
+@pytest.fixture
+def ed_key(tmp_path: Path, zone: str, publish: Publish) -> DkimKey:
+    key = generate_key(tmp_path / "keys", zone, selector="ed", algorithm="ed25519-sha256")
+    publish(key)
+    return key
+
+
+@pytest.fixture
+def fixed_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Freeze the clock dkimpy reads for t=, so two signatures of one message can be compared."""
+    monkeypatch.setattr(dkim, "time", types.SimpleNamespace(time=lambda: float(FIXED_TIME)))
+
+
+def from_domain(zone: str) -> bytes:
+    return MESSAGE.replace(b"example.test", zone.encode())
+
+
+# --- signing and verifying ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["rsa-sha256", "ed25519-sha256"])
+def test_signature_verifies_against_the_published_record(
+    tmp_path: Path, zone: str, publish: Publish, dnsfunc: DnsFunc, algorithm: str
+) -> None:
+    key = generate_key(tmp_path, zone, selector="s1", algorithm=algorithm)  # type: ignore[arg-type]
+    publish(key)
+    message = from_domain(zone)
+
+    header = DkimSigner(load_keys(tmp_path), HEADERS).sign(message, domain=zone)
+
+    assert header.startswith(b"DKIM-Signature: ")
+    assert header.endswith(b"\r\n")
+    fields = tags(header)
+    assert fields[b"a"] == algorithm.encode()
+    assert fields[b"c"] == b"relaxed/relaxed"
+    assert (fields[b"d"], fields[b"s"]) == (zone.encode(), b"s1")
+    assert verifies(header + message, dnsfunc)
+
+
+def test_signature_needs_the_published_key(
+    rsa_key: DkimKey, tmp_path: Path, zone: str, dnsfunc: DnsFunc
+) -> None:
+    """A key that was never published (or was replaced) does not verify: the lookup matters."""
+    unpublished = generate_key(tmp_path / "other", zone, selector="mailgate")
+    message = from_domain(zone)
+
+    header = DkimSigner(KeyRing([unpublished]), HEADERS).sign(message, domain=zone)
+
+    assert not verifies(header + message, dnsfunc)
+
+
+def test_rsa_signature_is_byte_identical_to_dkimpys_pure_python_one(
+    rsa_key: DkimKey, zone: str, fixed_time: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message = from_domain(zone)
+    signer = DkimSigner(KeyRing([rsa_key]), HEADERS)
+    include = signed_names(signer.sign(message, domain=zone))
+    stock = dkim.sign(
+        message,
+        rsa_key.selector.encode(),
+        rsa_key.domain.encode(),
+        _pkcs8_pem(rsa_key),
+        canonicalize=(b"relaxed", b"relaxed"),
+        include_headers=include,
+    )
+
+    # Prove ours never falls back to dkimpy's pure-Python RSA.
+    def pure_python_rsa(*args: object) -> bytes:
+        raise AssertionError("dkimpy's pure-Python RSA was called")
+
+    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", pure_python_rsa)
+    ours = signer.sign(message, domain=zone)
+
+    assert ours == stock
+
+
+def test_ed25519_signature_is_byte_identical_to_dkimpys(
+    ed_key: DkimKey, zone: str, fixed_time: None
+) -> None:
+    message = from_domain(zone)
+    signer = DkimSigner(KeyRing([ed_key]), HEADERS)
+    ours = signer.sign(message, domain=zone)
+    stock = dkim.sign(
+        message,
+        ed_key.selector.encode(),
+        ed_key.domain.encode(),
+        ed_key._dkimpy_key,
+        signature_algorithm=b"ed25519-sha256",
+        canonicalize=(b"relaxed", b"relaxed"),
+        include_headers=signed_names(ours),
+    )
+    assert ours == stock
+
+
+def _pkcs8_pem(key: DkimKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+CORPUS_MESSAGES = [
+    "8bitmime.eml",  # raw 8-bit body
+    "from-encoding.eml",  # raw 8-bit in headers
+    "long-header.eml",  # a 200 KB folded header
+    "torture.eml",  # 1.8 MB, deeply nested MIME
+    "multi-received-headers.eml",
+    "outlook-express.eml",
+    "quoted-printable.eml",
+    "mailformed-headers.eml",
+    "disposition-notification.eml",  # CRLF line ends
+    "signed.eml",  # mixed line ends
+    "spam/broken-headers.eml",
+    "bounce/office365.eml",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus() -> Path:
+    if not CORPUS.is_dir():
+        pytest.skip(f"the flanker corpus is not at {CORPUS}")
+    return CORPUS
+
+
+@pytest.mark.parametrize("name", CORPUS_MESSAGES)
+@pytest.mark.parametrize("algorithm", ["rsa-sha256", "ed25519-sha256"])
+def test_corpus_messages_sign_and_verify(
+    corpus: Path,
+    tmp_path: Path,
+    zone: str,
+    publish: Publish,
+    dnsfunc: DnsFunc,
+    name: str,
+    algorithm: str,
+) -> None:
+    key = generate_key(tmp_path, zone, selector="c", algorithm=algorithm)  # type: ignore[arg-type]
+    publish(key)
+    message = (corpus / name).read_bytes()
+
+    header = DkimSigner(KeyRing([key]), HEADERS).sign(message, domain=zone)
+
+    assert header
+    assert verifies(header + message, dnsfunc)
+    # Signing the message as it will go out on the wire (CRLF) gives a signature that holds too.
+    assert verifies(header + message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), dnsfunc)
+
+
+@pytest.mark.parametrize("name", ["enclosed.eml", "iphone.eml"])
+def test_message_with_a_malformed_header_section_is_rejected(
+    corpus: Path, rsa_key: DkimKey, zone: str, name: str
+) -> None:
+    """These start with a whitespace line, which dkimpy cannot parse: a Reject, not a crash."""
+    message = (corpus / name).read_bytes()
+
+    with pytest.raises(UnsignableMessage) as caught:
+        DkimSigner(KeyRing([rsa_key]), HEADERS).sign(message, domain=zone)
+
+    assert isinstance(caught.value, Reject)
+    assert caught.value.reply.startswith("554 5.6.0 ")
+    assert caught.value.code == 554
+
+
+ALTERATIONS: dict[str, Callable[[bytes], bytes]] = {
+    "body changed": lambda m: m.replace(b"the quote", b"the other quote"),
+    "body appended to": lambda m: m + b"P.S. pay to a new account\r\n",
+    "subject changed": lambda m: m.replace(b"Subject: Your quote", b"Subject: Urgent"),
+    "second From added on top": lambda m: b"From: ceo@evil.example\r\n" + m,
+    "signed header removed": lambda m: m.replace(b"Date: Mon, 03 Mar 2025 10:00:00 +0000\r\n", b""),
+}
+
+
+@pytest.mark.parametrize("alteration", ALTERATIONS, ids=list(ALTERATIONS))
+@pytest.mark.parametrize("key_name", ["rsa_key", "ed_key"])
+def test_message_altered_after_signing_fails_verification(
+    request: pytest.FixtureRequest, zone: str, dnsfunc: DnsFunc, key_name: str, alteration: str
+) -> None:
+    key: DkimKey = request.getfixturevalue(key_name)
+    message = from_domain(zone)
+    signed = DkimSigner(KeyRing([key]), HEADERS).sign(message, domain=zone) + message
+    assert verifies(signed, dnsfunc)
+
+    altered = ALTERATIONS[alteration](signed)
+
+    assert altered != signed
+    assert not verifies(altered, dnsfunc)
+
+
+def test_changes_relays_make_in_transit_keep_the_signature_valid(
+    rsa_key: DkimKey, zone: str, dnsfunc: DnsFunc
+) -> None:
+    """relaxed/relaxed tolerates re-folding and white space; Received fields are not signed."""
+    message = from_domain(zone)
+    signed = DkimSigner(KeyRing([rsa_key]), HEADERS).sign(message, domain=zone) + message
+
+    refolded = signed.replace(b"Subject: Your quote", b"Subject:  Your\r\n\tquote  ")
+    relayed = b"Received: from mailgate by relay.example; Mon, 3 Mar 2025 10:00:01 +0000\r\n"
+
+    assert verifies(refolded, dnsfunc)
+    assert verifies(relayed + signed, dnsfunc)  # trace fields added on the way are not signed
+
+
+def test_headers_signed_once_per_occurrence_and_from_once_more(
+    rsa_key: DkimKey, zone: str, dnsfunc: DnsFunc
+) -> None:
+    message = b"To: second@customer.example\r\n" + from_domain(zone)
+
+    header = DkimSigner(KeyRing([rsa_key]), HEADERS).sign(message, domain=zone)
+
+    names = signed_names(header)
+    assert names.count(b"from") == 2  # one From present, signed twice: over-signing
+    assert names.count(b"to") == 2  # both To fields are covered
+    assert b"reply-to" not in names  # absent and not over-signed
+    assert b"cc" not in names
+    assert verifies(header + message, dnsfunc)
+
+
+def test_from_is_signed_even_if_not_configured(rsa_key: DkimKey, zone: str) -> None:
+    header = DkimSigner(KeyRing([rsa_key]), ["subject"]).sign(from_domain(zone), domain=zone)
+
+    assert signed_names(header) == [b"from", b"subject", b"from"]
+
+
+@pytest.mark.parametrize("bad", ["received", "Return-Path", "bcc", "dkim-signature"])
+def test_header_that_must_not_be_signed_is_a_config_error(bad: str) -> None:
+    with pytest.raises(ConfigError, match=rf"dkim\.headers: `{bad.lower()}` must not be signed"):
+        DkimSigner(KeyRing(), [*HEADERS, bad])
+
+
+def test_both_keys_of_a_domain_sign_rsa_first(
+    rsa_key: DkimKey, ed_key: DkimKey, zone: str, dnsfunc: DnsFunc, tmp_path: Path
+) -> None:
+    message = from_domain(zone)
+
+    headers = DkimSigner(load_keys(tmp_path / "keys"), HEADERS).sign(message, domain=zone)
+
+    signed = headers + message
+    second = headers.index(b"DKIM-Signature: ", 1)
+    assert tags(headers[:second])[b"a"] == b"rsa-sha256"
+    assert tags(headers[second:])[b"a"] == b"ed25519-sha256"
+    assert verifies(signed, dnsfunc, idx=0)
+    assert verifies(signed, dnsfunc, idx=1)
+
+
+# --- which key: exact domain, nearest parent, none ----------------------------------------------
+
+
+def test_subdomain_falls_back_to_the_nearest_parent_key(
+    tmp_path: Path, zone: str, publish: Publish, dnsfunc: DnsFunc
+) -> None:
+    top = generate_key(tmp_path, zone, selector="mailgate")
+    middle = generate_key(tmp_path, f"eu.{zone}", selector="mailgate")
+    publish(top)
+    publish(middle)
+    ring = load_keys(tmp_path)
+    signer = DkimSigner(ring, HEADERS)
+    sender = f"sales.eu.{zone}"
+    message = MESSAGE.replace(b"example.test", sender.encode())
+
+    header = signer.sign(message, domain=sender)
+
+    assert ring.for_domain(sender) == (middle,)
+    assert ring.for_domain(f"other.{zone}") == (top,)
+    assert ring.for_domain(zone.upper() + ".") == (top,)  # case and trailing dot do not matter
+    assert tags(header)[b"d"] == f"eu.{zone}".encode()
+    assert verifies(header + message, dnsfunc)
+
+
+def test_domain_without_a_key_is_left_unsigned(rsa_key: DkimKey, zone: str) -> None:
+    signer = DkimSigner(KeyRing([rsa_key]), HEADERS)
+    message = MESSAGE.replace(b"example.test", b"elsewhere.test")
+
+    assert signer.has_key(f"a.{zone}")
+    assert not signer.has_key("elsewhere.test")
+    assert not signer.has_key(zone.split(".")[-1])  # the TLD is never a fallback
+    assert not signer.has_key("not a domain")
+    assert signer.sign(message, domain="elsewhere.test") == b""
+
+
+def test_empty_or_missing_key_dir_signs_nothing(tmp_path: Path) -> None:
+    signer = DkimSigner(load_keys(tmp_path / "absent"), HEADERS)
+
+    assert signer.sign(MESSAGE, domain="example.test") == b""
+    assert len(load_keys(tmp_path)) == 0
+
+
+def test_from_settings_loads_only_the_configured_selector(
+    tmp_path: Path, zone: str, fixed_time: None
+) -> None:
+    current = generate_key(tmp_path, zone, selector="2025")
+    generate_key(tmp_path, zone, selector="2024")
+    settings = DkimSettings(key_dir=tmp_path, selector="2025")
+
+    header = DkimSigner.from_settings(settings).sign(from_domain(zone), domain=zone)
+    disabled = DkimSettings(key_dir=tmp_path, selector="2025", enabled=False)
+
+    assert header.count(b"DKIM-Signature") == 1
+    assert tags(header)[b"s"] == current.selector.encode()
+    assert DkimSigner.from_settings(disabled).sign(from_domain(zone), domain=zone) == b""
+
+
+def test_signing_is_thread_safe(
+    rsa_key: DkimKey, ed_key: DkimKey, zone: str, fixed_time: None, tmp_path: Path
+) -> None:
+    """Many threads at once produce exactly what one thread does (both algorithms are
+    deterministic, and the clock is frozen)."""
+    signer = DkimSigner(load_keys(tmp_path / "keys"), HEADERS)
+    messages = [from_domain(zone) + f"line {i}\r\n".encode() for i in range(64)]
+    expected = [signer.sign(m, domain=zone) for m in messages]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(lambda m: signer.sign(m, domain=zone), messages * 4))
+
+    assert got == expected * 4
+    assert len(set(expected)) == len(messages)
+
+
+def test_an_incompatible_dkimpy_is_caught_when_the_signer_is_built(
+    rsa_key: DkimKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If dkimpy's internals moved so the OpenSSL seam produced bad signatures, fail loudly."""
+    from gateway import dkim as gateway_dkim
+
+    def wrong(self: object, digest: bytes) -> object:
+        return types.SimpleNamespace(signature=b"\x00" * 256)
+
+    monkeypatch.setattr(gateway_dkim._OpenSslRsa, "sign", wrong)
+
+    with pytest.raises(RuntimeError, match="no longer works with the OpenSSL signing seam"):
+        DkimSigner(KeyRing([rsa_key]), HEADERS)
+
+
+# --- key files ------------------------------------------------------------------------------------
+
+
+def test_generated_key_file_is_private_and_loads_back(tmp_path: Path) -> None:
+    key = generate_key(tmp_path, "Example.TEST.", selector="Mailgate", algorithm="ed25519-sha256")
+    path = tmp_path / "example.test" / "mailgate.ed25519.pem"
+
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert (key.domain, key.selector) == ("example.test", "mailgate")
+    assert [k.record_value for k in load_keys(tmp_path)] == [key.record_value]
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_txt_record(tmp_path: Path) -> None:
+    rsa = generate_key(tmp_path, "example.test", selector="s")
+    ed = generate_key(tmp_path, "example.test", selector="e", algorithm="ed25519-sha256")
+
+    assert rsa.record_name == "s._domainkey.example.test."
+    assert rsa.record_value.startswith("v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8A")
+    name, _, strings = rsa.txt_record().partition(" IN TXT ")
+    assert name == rsa.record_name
+    chunks = re.findall(r'"([^"]*)"', strings)
+    assert len(chunks) == 2  # a 2048-bit key's record is longer than one 255-octet string
+    assert all(len(chunk) <= 255 for chunk in chunks)
+    assert "".join(chunks) == rsa.record_value
+    assert strings == " ".join(f'"{chunk}"' for chunk in chunks)
+    assert ed.txt_record() == f'e._domainkey.example.test. IN TXT "{ed.record_value}"'
+    assert len(ed.record_value) == len("v=DKIM1; k=ed25519; p=") + 44  # 32 bytes, base64
+
+
+def test_keygen_refuses_to_overwrite_an_existing_key(tmp_path: Path) -> None:
+    generate_key(tmp_path, "example.test", selector="mailgate")
+    path = tmp_path / "example.test" / "mailgate.rsa.pem"
+    before = path.read_bytes()
+
+    with pytest.raises(KeyExistsError, match=r"mailgate\.rsa\.pem: .*already exists.*--force"):
+        generate_key(tmp_path, "example.test", selector="mailgate")
+    # One DNS name holds one key, so the other algorithm under the same selector is refused too.
+    with pytest.raises(KeyExistsError, match=r"mailgate\.rsa\.pem"):
+        generate_key(tmp_path, "example.test", selector="mailgate", algorithm="ed25519-sha256")
+
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["mailgate.rsa.pem"]
+
+
+def test_keygen_with_force_replaces_the_key(tmp_path: Path) -> None:
+    old = generate_key(tmp_path, "example.test", selector="mailgate")
+
+    new = generate_key(
+        tmp_path, "example.test", selector="mailgate", algorithm="ed25519-sha256", force=True
+    )
+
+    directory = tmp_path / "example.test"
+    assert sorted(p.name for p in directory.iterdir()) == ["mailgate.ed25519.pem"]
+    assert [k.record_value for k in load_keys(tmp_path)] == [new.record_value]
+    assert new.record_value != old.record_value
+
+
+@pytest.mark.parametrize(
+    ("domain", "selector"), [("../etc", "s"), ("example.test", "../s"), ("a b", "s"), ("x", "")]
+)
+def test_keygen_refuses_names_that_are_not_dns_names(
+    tmp_path: Path, domain: str, selector: str
+) -> None:
+    with pytest.raises(ValueError, match="not a"):
+        generate_key(tmp_path, domain, selector=selector, algorithm="ed25519-sha256")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keygen_refuses_short_rsa_keys(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least 1024 bits"):
+        generate_key(tmp_path, "example.test", selector="s", bits=512)
+
+
+BAD_KEY_FILES: dict[str, Callable[[Path], bytes]] = {
+    "garbage": lambda _: b"this is not a key\n",
+    "truncated": lambda good: good.read_bytes()[:300],
+    "empty": lambda _: b"",
+}
+
+
+@pytest.mark.parametrize("damage", BAD_KEY_FILES, ids=list(BAD_KEY_FILES))
+def test_corrupt_key_file_is_a_config_error_naming_the_file_and_the_fix(
+    tmp_path: Path, damage: str
+) -> None:
+    generate_key(tmp_path, "example.test", selector="mailgate")
+    path = tmp_path / "example.test" / "mailgate.rsa.pem"
+    path.write_bytes(BAD_KEY_FILES[damage](path))
+
+    with pytest.raises(ConfigError) as caught:
+        load_keys(tmp_path)
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: not a valid PEM private key")
+    assert "mailgate dkim keygen example.test --selector mailgate --force" in message
+
+
+def test_key_of_the_wrong_type_for_its_file_name_is_a_config_error(tmp_path: Path) -> None:
+    generate_key(tmp_path, "example.test", selector="mailgate", algorithm="ed25519-sha256")
+    directory = tmp_path / "example.test"
+    (directory / "mailgate.ed25519.pem").rename(directory / "mailgate.rsa.pem")
+
+    with pytest.raises(ConfigError, match=r"mailgate\.rsa\.pem: holds a .*Ed25519.*rename"):
+        load_keys(tmp_path)
+
+
+def test_misnamed_pem_file_is_a_config_error(tmp_path: Path) -> None:
+    generate_key(tmp_path, "example.test", selector="mailgate")
+    directory = tmp_path / "example.test"
+    (directory / "mailgate.rsa.pem").rename(directory / "dkim.pem")
+
+    with pytest.raises(ConfigError, match=r"dkim\.pem: not a key file name; rename it"):
+        load_keys(tmp_path)
+
+
+def test_unreadable_key_file_is_a_config_error(tmp_path: Path) -> None:
+    generate_key(tmp_path, "example.test", selector="mailgate")
+    path = tmp_path / "example.test" / "mailgate.rsa.pem"
+    path.unlink()
+    path.mkdir()  # reading a directory fails even for root, unlike a chmod 000 file
+
+    with pytest.raises(ConfigError, match=r"mailgate\.rsa\.pem: cannot read the DKIM key"):
+        load_keys(tmp_path)
+
+
+def test_other_files_in_the_key_dir_are_ignored(tmp_path: Path) -> None:
+    key = generate_key(tmp_path, "example.test", selector="mailgate")
+    (tmp_path / "README").write_text("keys live here\n")
+    (tmp_path / "lost+found").mkdir()
+    (tmp_path / "example.test" / "mailgate.txt").write_text(key.txt_record())
+
+    assert list(load_keys(tmp_path)) == [key]
