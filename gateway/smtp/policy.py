@@ -26,7 +26,6 @@ class Verdict(Enum):
     BAD_ADDRESS = "bad-address"
     SOURCE_ROUTE = "source-route"
     TOO_MANY_RECIPIENTS = "too-many-recipients"
-    NO_RECIPIENTS = "no-recipients"
     BARE_LINE_ENDING = "bare-line-ending"
     NUL_CHARACTER = "nul-character"
     MESSAGE_TOO_BIG = "message-too-big"
@@ -45,7 +44,6 @@ REPLIES: dict[Verdict, str] = {
     Verdict.SOURCE_ROUTE: "553 5.1.3 Address rejected: source routes, %-hacks and bang paths "
     "are not relayed",
     Verdict.TOO_MANY_RECIPIENTS: "452 4.5.3 Too many recipients: send the rest in another message",
-    Verdict.NO_RECIPIENTS: "554 5.5.1 No valid recipients",
     Verdict.BARE_LINE_ENDING: "550 5.6.0 Message rejected: bare CR or LF characters; lines "
     "must end with CRLF (RFC 5321 section 2.3.8)",
     Verdict.NUL_CHARACTER: "550 5.6.0 Message rejected: NUL characters are not allowed in mail",
