@@ -404,10 +404,15 @@ class DkimSigner:
 
     @classmethod
     def from_settings(cls, settings: DkimSettings) -> DkimSigner:
-        """The signer for ``[dkim]``: keys of ``selector`` under ``key_dir``; none when disabled."""
+        """The signer for ``[dkim]``: every key under ``key_dir``; none at all when disabled.
+
+        ``dkim.selector`` only names new keys, so a key made with ``keygen --selector`` signs
+        too. To rotate, add the new selector's key, publish its record, restart, then delete
+        the old key file: in between, mail carries both signatures and either one passes.
+        """
         if not settings.enabled:
             return cls(KeyRing(), settings.headers)
-        return cls(load_keys(settings.key_dir, selector=settings.selector), settings.headers)
+        return cls(load_keys(settings.key_dir), settings.headers)
 
     def has_key(self, domain: str) -> bool:
         """True if :meth:`sign` would sign mail from ``domain`` (its own key or a parent's)."""

@@ -412,19 +412,31 @@ def test_empty_or_missing_key_dir_signs_nothing(tmp_path: Path) -> None:
     assert len(load_keys(tmp_path)) == 0
 
 
-def test_from_settings_loads_only_the_configured_selector(
-    tmp_path: Path, zone: str, fixed_time: None
+def test_from_settings_signs_with_every_key_and_not_when_disabled(
+    tmp_path: Path, zone: str, publish: Publish, dnsfunc: DnsFunc
 ) -> None:
+    """``dkim.selector`` only names new keys: a key made with another selector signs too."""
+    for selector in ("mailgate", "2025"):
+        publish(generate_key(tmp_path, zone, selector=selector))
+    message = from_domain(zone)
+    enabled = DkimSettings(key_dir=tmp_path)
+    disabled = DkimSettings(key_dir=tmp_path, enabled=False)
+
+    headers = DkimSigner.from_settings(enabled).sign(message, domain=zone)
+
+    assert headers.count(b"DKIM-Signature: ") == 2
+    assert verifies(headers + message, dnsfunc, idx=0)
+    assert verifies(headers + message, dnsfunc, idx=1)
+    assert DkimSigner.from_settings(disabled).sign(message, domain=zone) == b""
+
+
+def test_load_keys_can_pick_one_selector(tmp_path: Path, zone: str) -> None:
     current = generate_key(tmp_path, zone, selector="2025")
     generate_key(tmp_path, zone, selector="2024")
-    settings = DkimSettings(key_dir=tmp_path, selector="2025")
 
-    header = DkimSigner.from_settings(settings).sign(from_domain(zone), domain=zone)
-    disabled = DkimSettings(key_dir=tmp_path, selector="2025", enabled=False)
+    ring = load_keys(tmp_path, selector="2025")
 
-    assert header.count(b"DKIM-Signature") == 1
-    assert tags(header)[b"s"] == current.selector.encode()
-    assert DkimSigner.from_settings(disabled).sign(from_domain(zone), domain=zone) == b""
+    assert [k.record_value for k in ring.for_domain(zone)] == [current.record_value]
 
 
 def test_signing_is_thread_safe(
