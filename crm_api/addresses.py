@@ -40,9 +40,9 @@ def normalise_address(text: str) -> str:
     if not at or not local or not domain:
         raise InvalidAddress(f"{text!r} is not an email address (expected local@domain)")
     if len(local) > MAX_LOCAL or _LOCAL_FORBIDDEN.search(local) or ".." in local:
-        raise InvalidAddress(f"{text!r} has an invalid local part")
+        raise InvalidAddress(f"{text!r} is not a valid address: bad local part")
     if local.startswith(".") or local.endswith("."):
-        raise InvalidAddress(f"{text!r} has an invalid local part")
+        raise InvalidAddress(f"{text!r} is not a valid address: bad local part")
     address = f"{local.lower()}@{normalise_domain(domain)}"
     if len(address) > MAX_ADDRESS:
         raise InvalidAddress(f"{text!r} is longer than {MAX_ADDRESS} characters")

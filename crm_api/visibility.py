@@ -84,6 +84,9 @@ def visible(viewer: Viewer) -> ColumnElement[bool]:
             part.c.email_id == email_id,
             or_(sel.c.address == part.c.address, sel.c.address == addr.c.address),
         )
+        # Correlate to the outer email and account, two levels up (auto-correlation only
+        # reaches the immediately enclosing query).
+        .correlate_except(part, sel, addr)
         .exists()
     )
     shared = or_(account.c.sharing == "public", sa.and_(account.c.sharing == "custom", selected))
