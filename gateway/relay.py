@@ -788,6 +788,9 @@ class Relay:
                         enhanced="4.7.10",
                     )
                 await session.authenticate(settings.username, settings.password)
+        except (OSError, TimeoutError, EOFError, _ProtocolError) as exc:
+            session.abort()
+            raise _SessionFailed(f"{session.where}: {_describe(exc)} during set-up") from None
         except BaseException:
             session.abort()
             raise
@@ -805,6 +808,9 @@ class Relay:
                     log.warning("%s; retrying without TLS", failure.text)
                     session.abort()
                     return await self._open(host, address, tls=None)
+        except (OSError, TimeoutError, EOFError, _ProtocolError) as exc:
+            session.abort()
+            raise _SessionFailed(f"{session.where}: {_describe(exc)} during set-up") from None
         except BaseException:
             session.abort()
             raise

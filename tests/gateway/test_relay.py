@@ -1,0 +1,648 @@
+"""Relay against real SMTP servers: Postfix, aiosmtpd sinks, NSD for MX, on loopback sockets.
+
+What the wire carries is observed by :class:`WireTap`, a TCP proxy in front of a sink that records
+the client's bytes, counts connections, and can hang up like a server that dropped an idle one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from gateway.relay import RecipientResult, Relay
+from gateway.settings import RelaySettings
+from tests.servers.certs import TestCA
+from tests.servers.ports import free_port
+from tests.servers.sink import MessageSink, Received
+
+MESSAGE = b"From: rep@corp.test\r\nTo: buyer@client.test\r\nSubject: Offer\r\n\r\nHello.\r\n"
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    """Run one test's coroutine on a fresh loop (the servers run in their own threads)."""
+
+    async def bounded() -> Any:
+        async with asyncio.timeout(60):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+def settings(**overrides: Any) -> RelaySettings:
+    base: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "security": "none",
+        "connect_timeout_seconds": 5,
+        "command_timeout_seconds": 5,
+    }
+    return RelaySettings(**(base | overrides))
+
+
+async def poll(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout}s: {what}")
+        await asyncio.sleep(0.01)
+
+
+def arrived(sink: MessageSink, recipient: str, count: int = 1) -> list[Received]:
+    """Messages for ``recipient`` at the sink (waiting, with a deadline, for ``count``)."""
+    lowered = recipient.lower()
+    return sink.wait_for(count, 10, where=lambda m: lowered in (r.lower() for r in m.rcpt_tos))
+
+
+class WireTap:
+    """A TCP proxy to ``port`` that records what clients send and can hang up on them."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.connections = 0
+        self.sent: list[bytearray] = []  # per connection, what the client wrote
+        self.hang_up_on_next_command = False
+        self._peers: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> WireTap:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for client, upstream in self._peers:
+            client.transport.abort()
+            upstream.transport.abort()
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    @property
+    def open_connections(self) -> int:
+        return sum(1 for client, _ in self._peers if not client.is_closing())
+
+    async def hang_up_all(self, farewell: bytes = b"") -> None:
+        """Close every connection from the server's side, as an idle timeout does."""
+        for client, upstream in self._peers:
+            if farewell and not client.is_closing():
+                client.write(farewell)
+            client.close()
+            upstream.transport.abort()
+        await poll(lambda: self.open_connections == 0, "tap connections closed")
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        record = bytearray()
+        self.sent.append(record)
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
+        self._peers.append((client_w, up_w))
+
+        async def client_to_server() -> None:
+            while data := await client_r.read(65536):
+                if self.hang_up_on_next_command:
+                    self.hang_up_on_next_command = False
+                    client_w.transport.abort()
+                    up_w.transport.abort()
+                    return
+                record.extend(data)
+                up_w.write(data)
+                await up_w.drain()
+            up_w.close()
+
+        async def server_to_client() -> None:
+            while data := await up_r.read(65536):
+                client_w.write(data)
+                await client_w.drain()
+            client_w.close()
+
+        await asyncio.gather(client_to_server(), server_to_client(), return_exceptions=True)
+
+
+@pytest.fixture
+def plain_sink() -> Iterator[MessageSink]:
+    with MessageSink() as sink:
+        yield sink
+
+
+@contextlib.asynccontextmanager
+async def relay_for(port: int, **overrides: Any) -> AsyncIterator[Relay]:
+    relay = Relay(settings(port=port, **overrides), hostname="gw.mailgate.test")
+    try:
+        yield relay
+    finally:
+        await relay.aclose()
+
+
+# -- the wire ---------------------------------------------------------------------------------
+
+
+def test_output_is_strict_crlf_and_dot_stuffed_on_the_wire(plain_sink: MessageSink) -> None:
+    # Bare LF, bare CR, lines starting with "." (one alone, as the terminator looks) and a last
+    # line without any line end: everything a sloppy producer might hand over.
+    message = (
+        b"From: rep@corp.test\nTo: wire@client.test\rSubject: dots\r\n\r\n"
+        b".leading dot\n..two dots\r\n.\r\nmiddle\n.\nlast line without newline"
+    )
+    normalised = (
+        b"From: rep@corp.test\r\nTo: wire@client.test\r\nSubject: dots\r\n\r\n"
+        b".leading dot\r\n..two dots\r\n.\r\nmiddle\r\n.\r\nlast line without newline\r\n"
+    )
+    on_the_wire = (
+        b"From: rep@corp.test\r\nTo: wire@client.test\r\nSubject: dots\r\n\r\n"
+        b"..leading dot\r\n...two dots\r\n..\r\nmiddle\r\n..\r\nlast line without newline\r\n"
+        b".\r\n"
+    )
+
+    async def scenario() -> bytes:
+        async with WireTap(plain_sink.port) as tap, relay_for(tap.port) as relay:
+            results = await relay.send("rep@corp.test", ["wire@client.test"], message)
+            assert [r.code for r in results] == [250]
+            return bytes(tap.sent[0])
+
+    wire = run(scenario())
+    data_start = wire.index(b"DATA\r\n") + len(b"DATA\r\n")
+    assert wire[data_start : data_start + len(on_the_wire)] == on_the_wire
+    # Every line ending the client wrote at all was a CRLF.
+    assert wire.count(b"\n") == wire.count(b"\r\n") == wire.count(b"\r")
+    (received,) = arrived(plain_sink, "wire@client.test")
+    assert received.data == normalised
+
+
+def test_message_starting_with_a_dot_and_a_large_one_are_stuffed(plain_sink: MessageSink) -> None:
+    # A body of 2 MB goes out in slices; dots at slice boundaries must not confuse anything.
+    line = b".x" + b"y" * 97 + b"\r\n"  # 101 bytes, so lines straddle the 256 KiB slices
+    big = b"Subject: big\r\n\r\n" + line * 20_000
+    starts_with_dot = b".Subject-less oddity\r\n"
+
+    async def scenario() -> list[RecipientResult]:
+        async with relay_for(plain_sink.port) as relay:
+            first = await relay.send("rep@corp.test", ["big@client.test"], big)
+            second = await relay.send("rep@corp.test", ["dot@client.test"], starts_with_dot)
+            return first + second
+
+    assert [r.code for r in run(scenario())] == [250, 250]
+    assert arrived(plain_sink, "big@client.test")[0].data == big
+    assert arrived(plain_sink, "dot@client.test")[0].data == starts_with_dot
+
+
+def test_null_reverse_path_is_sent_as_empty_brackets(plain_sink: MessageSink) -> None:
+    async def scenario() -> bytes:
+        async with WireTap(plain_sink.port) as tap, relay_for(tap.port) as relay:
+            results = await relay.send("", ["bounce@client.test"], MESSAGE)
+            assert results[0].delivered
+            return bytes(tap.sent[0])
+
+    assert b"\r\nMAIL FROM:<>" in run(scenario())
+    assert arrived(plain_sink, "bounce@client.test")[0].mail_from == "<>"
+
+
+# -- per-recipient results --------------------------------------------------------------------
+
+
+def test_each_recipient_gets_its_own_result(plain_sink: MessageSink) -> None:
+    recipients = ["ok1@client.test", "reject@client.test", "tempfail@client.test", "ok2@c.test"]
+
+    async def scenario() -> list[RecipientResult]:
+        async with relay_for(plain_sink.port) as relay:
+            return await relay.send("rep@corp.test", recipients, MESSAGE)
+
+    results = run(scenario())
+    assert [r.recipient for r in results] == recipients
+    assert [r.code for r in results] == [250, 550, 451, 250]
+    assert [r.delivered for r in results] == [True, False, False, True]
+    assert [r.permanent for r in results] == [False, True, False, False]
+    assert results[1].enhanced == "5.1.1"
+    assert results[1].text == "Mailbox unavailable (test sink: reject)"
+    assert results[1].remote_mta == "127.0.0.1"
+    assert results[2].enhanced == "4.3.0"
+    (received,) = arrived(plain_sink, "ok1@client.test")
+    assert received.rcpt_tos == ("ok1@client.test", "ok2@c.test")
+
+
+def test_data_refused_after_recipients_accepted_applies_to_them(plain_sink: MessageSink) -> None:
+    plain_sink.data_reply = "554 5.7.1 Message refused by content filter"
+
+    async def scenario() -> list[RecipientResult]:
+        async with relay_for(plain_sink.port) as relay:
+            return await relay.send("rep@corp.test", ["a@c.test", "reject@c.test"], MESSAGE)
+
+    results = run(scenario())
+    assert [(r.code, r.enhanced) for r in results] == [(554, "5.7.1"), (550, "5.1.1")]
+    assert results[0].text == "Message refused by content filter"
+    assert plain_sink.messages == []
+
+
+def test_all_recipients_refused_sends_no_data(plain_sink: MessageSink) -> None:
+    async def scenario() -> tuple[list[RecipientResult], bytes]:
+        async with WireTap(plain_sink.port) as tap, relay_for(tap.port) as relay:
+            results = await relay.send("rep@corp.test", ["reject@c.test"], MESSAGE)
+            # The connection stays usable for the next message.
+            again = await relay.send("rep@corp.test", ["fine@c.test"], MESSAGE)
+            assert again[0].delivered
+            assert tap.connections == 1
+            return results, bytes(tap.sent[0])
+
+    results, wire = run(scenario())
+    assert results[0].permanent
+    assert wire.count(b"Subject: Offer") == 1  # only the second message's data went out
+    assert len(arrived(plain_sink, "fine@c.test")) == 1
+
+
+# -- connection reuse -------------------------------------------------------------------------
+
+
+def test_many_messages_share_one_connection(plain_sink: MessageSink) -> None:
+    async def scenario() -> int:
+        async with WireTap(plain_sink.port) as tap, relay_for(tap.port) as relay:
+            for n in range(20):
+                results = await relay.send("rep@corp.test", [f"reuse{n}@c.test"], MESSAGE)
+                assert results[0].delivered
+            return tap.connections
+
+    assert run(scenario()) == 1
+    received = plain_sink.wait_for(20, 10, where=lambda m: m.rcpt_tos[0].startswith("reuse"))
+    assert len({m.peer for m in received}) == 1  # the sink saw one client port too
+
+
+def test_concurrent_sends_are_bounded_by_max_connections(plain_sink: MessageSink) -> None:
+    async def scenario() -> int:
+        async with (
+            WireTap(plain_sink.port) as tap,
+            relay_for(tap.port, max_connections=3) as relay,
+        ):
+            sends = [relay.send("rep@corp.test", [f"conc{n}@c.test"], MESSAGE) for n in range(30)]
+            results = await asyncio.gather(*sends)
+            assert all(r[0].delivered for r in results)
+            return tap.connections
+
+    connections = run(scenario())
+    assert 1 <= connections <= 3
+    assert len(plain_sink.wait_for(30, 10, where=lambda m: m.rcpt_tos[0].startswith("conc"))) == 30
+
+
+@pytest.mark.parametrize("farewell", [b"", b"421 4.4.2 sink: idle for too long\r\n"])
+def test_pool_reconnects_when_the_server_closed_an_idle_connection(
+    plain_sink: MessageSink, farewell: bytes
+) -> None:
+    async def scenario() -> tuple[list[RecipientResult], int]:
+        async with WireTap(plain_sink.port) as tap, relay_for(tap.port) as relay:
+            assert (await relay.send("rep@corp.test", ["idle1@c.test"], MESSAGE))[0].delivered
+            await tap.hang_up_all(farewell)
+            results = await relay.send("rep@corp.test", ["idle2@c.test"], MESSAGE)
+            return results, tap.connections
+
+    results, connections = run(scenario())
+    assert results[0].delivered, results
+    assert connections == 2
+    assert len(arrived(plain_sink, "idle2@c.test")) == 1
+
+
+def test_pool_reconnects_when_the_server_hangs_up_on_the_next_command(
+    plain_sink: MessageSink,
+) -> None:
+    # The race an idle check cannot see: the connection looks open, and the server drops it
+    # the moment the reused connection speaks. Nothing was sent, so it must be retried at once.
+    async def scenario() -> tuple[list[RecipientResult], int]:
+        async with WireTap(plain_sink.port) as tap, relay_for(tap.port) as relay:
+            assert (await relay.send("rep@corp.test", ["race1@c.test"], MESSAGE))[0].delivered
+            tap.hang_up_on_next_command = True
+            results = await relay.send("rep@corp.test", ["race2@c.test"], MESSAGE)
+            return results, tap.connections
+
+    results, connections = run(scenario())
+    assert results[0].delivered, results
+    assert connections == 2
+    assert len(arrived(plain_sink, "race2@c.test")) == 1
+
+
+def test_aclose_says_quit_and_send_afterwards_is_a_bug(plain_sink: MessageSink) -> None:
+    async def scenario() -> bytes:
+        async with WireTap(plain_sink.port) as tap:
+            relay = Relay(settings(port=tap.port), hostname="gw.mailgate.test")
+            assert (await relay.send("rep@corp.test", ["q@c.test"], MESSAGE))[0].delivered
+            await relay.aclose()
+            await poll(lambda: tap.open_connections == 0, "connection closed after QUIT")
+            with pytest.raises(RuntimeError):
+                await relay.send("rep@corp.test", ["q@c.test"], MESSAGE)
+            return bytes(tap.sent[0])
+
+    assert run(scenario()).endswith(b"QUIT\r\n")
+
+
+# -- failures become results --------------------------------------------------------------------
+
+
+def test_connection_refused_is_a_temporary_result() -> None:
+    async def scenario() -> list[RecipientResult]:
+        async with relay_for(free_port()) as relay:
+            return await relay.send("rep@corp.test", ["a@c.test", "b@c.test"], MESSAGE)
+
+    results = run(scenario())
+    assert [r.code for r in results] == [0, 0]
+    assert not any(r.permanent or r.delivered for r in results)
+    assert "connection refused" in results[0].text
+    assert results[0].enhanced == "4.4.1"
+
+
+def test_a_server_that_never_answers_times_out() -> None:
+    async def scenario() -> tuple[list[RecipientResult], float]:
+        silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = silent.sockets[0].getsockname()[1]
+        started = time.monotonic()
+        try:
+            async with relay_for(port, command_timeout_seconds=0.5) as relay:
+                results = await relay.send("rep@corp.test", ["a@c.test"], MESSAGE)
+        finally:
+            silent.close()
+        return results, time.monotonic() - started
+
+    results, elapsed = run(scenario())
+    assert results[0].code == 0 and not results[0].permanent
+    assert "timed out" in results[0].text
+    assert elapsed < 3
+
+
+def test_control_characters_in_an_address_are_a_programming_error(
+    plain_sink: MessageSink,
+) -> None:
+    async def scenario() -> None:
+        async with relay_for(plain_sink.port) as relay:
+            with pytest.raises(ValueError, match="control character"):
+                await relay.send("rep@corp.test", ["a@c.test\r\nRCPT TO:<evil@x>"], MESSAGE)
+            with pytest.raises(ValueError, match="sender"):
+                await relay.send("rep@corp.test>\r\nDATA", ["a@c.test"], MESSAGE)
+
+    run(scenario())
+    assert plain_sink.messages == []
+
+
+# -- 8BITMIME and SMTPUTF8 ------------------------------------------------------------------------
+
+
+def test_eight_bit_message_is_declared_with_body_8bitmime(plain_sink: MessageSink) -> None:
+    message = "Subject: Grüße\r\n\r\nSchöne Grüße.\r\n".encode()
+
+    async def scenario() -> list[RecipientResult]:
+        async with relay_for(plain_sink.port) as relay:
+            seven = await relay.send("rep@corp.test", ["seven@c.test"], MESSAGE)
+            eight = await relay.send("rep@corp.test", ["eight@c.test"], message)
+            return seven + eight
+
+    assert all(r.delivered for r in run(scenario()))
+    assert "BODY=8BITMIME" in arrived(plain_sink, "eight@c.test")[0].mail_options
+    assert "BODY=8BITMIME" not in arrived(plain_sink, "seven@c.test")[0].mail_options
+    assert arrived(plain_sink, "eight@c.test")[0].data == message
+
+
+def test_non_ascii_recipient_without_smtputf8_fails_alone() -> None:
+    seen: list[tuple[str, ...]] = []
+
+    class Handler:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            seen.append(tuple(envelope.rcpt_tos))
+            return "250 2.0.0 OK"
+
+    controller = Controller(
+        Handler(), hostname="127.0.0.1", port=free_port(), enable_SMTPUTF8=False
+    )
+    controller.start()
+    try:
+        port = controller.port
+
+        async def scenario() -> list[RecipientResult]:
+            async with relay_for(port) as relay:
+                return await relay.send("rep@corp.test", ["jörg@c.test", "joerg@c.test"], MESSAGE)
+
+        results = run(scenario())
+    finally:
+        controller.stop()
+    assert (results[0].code, results[0].enhanced) == (553, "5.6.7")
+    assert results[0].permanent and "SMTPUTF8" in results[0].text
+    assert results[1].delivered
+    assert seen == [("joerg@c.test",)]
+
+
+def test_non_ascii_recipient_goes_with_smtputf8_when_offered(plain_sink: MessageSink) -> None:
+    # The sink's aiosmtpd offers SMTPUTF8 (RFC 6531).
+    async def scenario() -> list[RecipientResult]:
+        async with relay_for(plain_sink.port) as relay:
+            return await relay.send("rep@corp.test", ["jörg@c.test"], MESSAGE)
+
+    assert run(scenario())[0].delivered
+    received = arrived(plain_sink, "jörg@c.test")[0]
+    assert "SMTPUTF8" in received.mail_options
+
+
+# -- TLS and AUTH against aiosmtpd -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def test_ca() -> Iterator[TestCA]:
+    authority = TestCA()
+    yield authority
+    authority.cleanup()
+
+
+def test_require_tls_refuses_a_smarthost_without_starttls(plain_sink: MessageSink) -> None:
+    async def scenario() -> list[RecipientResult]:
+        async with relay_for(plain_sink.port, security="starttls", require_tls=True) as relay:
+            return await relay.send("rep@corp.test", ["a@c.test"], MESSAGE)
+
+    results = run(scenario())
+    assert results[0].code == 0 and not results[0].permanent
+    assert "does not offer STARTTLS" in results[0].text
+    assert plain_sink.messages == []
+
+
+def test_starttls_to_aiosmtpd_with_verified_certificate(test_ca: TestCA) -> None:
+    with MessageSink(tls_context=test_ca.server_context(), require_tls=True) as sink:
+
+        async def scenario() -> list[RecipientResult]:
+            async with relay_for(sink.port, security="starttls", ca_file=test_ca.ca_file) as relay:
+                return await relay.send("rep@corp.test", ["tls@c.test"], MESSAGE)
+
+        assert run(scenario())[0].delivered
+        assert arrived(sink, "tls@c.test")[0].tls
+
+
+def test_untrusted_smarthost_certificate_is_a_temporary_failure(
+    test_ca: TestCA,
+) -> None:
+    # Verification is on by default: without the test CA, the smarthost's certificate fails.
+    with MessageSink(tls_context=test_ca.server_context()) as sink:
+
+        async def scenario() -> list[RecipientResult]:
+            async with relay_for(sink.port, security="starttls") as relay:
+                return await relay.send("rep@corp.test", ["a@c.test"], MESSAGE)
+
+        results = run(scenario())
+        assert results[0].code == 0 and not results[0].permanent
+        assert "certificate verification failed" in results[0].text
+        assert "relay.ca_file" in results[0].text
+        assert sink.messages == []
+
+
+class _Users:
+    """An aiosmtpd authenticator with one user."""
+
+    def __init__(self, username: str, password: str) -> None:
+        self.secrets = (username.encode(), password.encode())
+        self.attempts: list[str] = []
+
+    def __call__(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+    ) -> AuthResult:
+        self.attempts.append(mechanism)
+        ok = isinstance(data, LoginPassword) and (data.login, data.password) == self.secrets
+        return AuthResult(success=ok, handled=False, auth_data=data.login.decode() if ok else None)
+
+
+@contextlib.contextmanager
+def auth_server(
+    ca: TestCA, users: _Users, *, tls: bool = True, exclude: list[str] | None = None
+) -> Iterator[tuple[int, list[tuple[str, str]]]]:
+    got: list[tuple[str, str]] = []
+
+    class Handler:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            if not session.authenticated:
+                return "530 5.7.0 Authentication required"
+            got.append((session.auth_data, envelope.rcpt_tos[0]))
+            return "250 2.0.0 OK"
+
+    kwargs: dict[str, Any] = {
+        "auth_require_tls": tls,
+        "authenticator": users,
+        "auth_exclude_mechanism": exclude or [],
+    }
+    if tls:
+        kwargs["tls_context"] = ca.server_context()
+    else:
+        kwargs["auth_require_tls"] = False
+    controller = Controller(Handler(), hostname="127.0.0.1", port=free_port(), **kwargs)
+    controller.start()
+    try:
+        yield controller.port, got
+    finally:
+        controller.stop()
+
+
+def test_auth_over_starttls(test_ca: TestCA) -> None:
+    users = _Users("relay-user", "s3cret pass")
+    with auth_server(test_ca, users) as (port, got):
+
+        async def scenario() -> list[RecipientResult]:
+            async with relay_for(
+                port,
+                security="starttls",
+                ca_file=test_ca.ca_file,
+                username="relay-user",
+                password="s3cret pass",
+            ) as relay:
+                first = await relay.send("rep@corp.test", ["auth1@c.test"], MESSAGE)
+                second = await relay.send("rep@corp.test", ["auth2@c.test"], MESSAGE)
+                return first + second
+
+        results = run(scenario())
+    assert [r.delivered for r in results] == [True, True], results
+    assert got == [("relay-user", "auth1@c.test"), ("relay-user", "auth2@c.test")]
+    assert users.attempts == ["PLAIN"]  # one login: the pooled connection stays authenticated
+
+
+def test_wrong_password_is_temporary_and_never_echoed(test_ca: TestCA) -> None:
+    users = _Users("relay-user", "right")
+    with auth_server(test_ca, users) as (port, got):
+
+        async def scenario() -> list[RecipientResult]:
+            async with relay_for(
+                port,
+                security="starttls",
+                ca_file=test_ca.ca_file,
+                username="relay-user",
+                password="wrong-password",
+            ) as relay:
+                return await relay.send("rep@corp.test", ["a@c.test"], MESSAGE)
+
+        results = run(scenario())
+    assert results[0].code == 0 and not results[0].permanent  # a config problem: retry, no bounce
+    assert "refused AUTH" in results[0].text
+    assert "wrong-password" not in results[0].text
+    assert got == []
+
+
+def test_password_is_not_sent_without_tls_unless_security_is_none(
+    plain_sink: MessageSink, test_ca: TestCA
+) -> None:
+    async def refused() -> list[RecipientResult]:
+        async with WireTap(plain_sink.port) as tap:
+            async with relay_for(
+                tap.port, security="starttls", require_tls=False, username="u", password="pw"
+            ) as relay:
+                results = await relay.send("rep@corp.test", ["a@c.test"], MESSAGE)
+            assert b"AUTH" not in bytes(tap.sent[0])
+            return results
+
+    results = run(refused())
+    assert results[0].code == 0 and "without TLS" in results[0].text
+
+    users = _Users("u", "pw")
+    with auth_server(test_ca, users, tls=False) as (port, got):
+
+        async def allowed() -> list[RecipientResult]:
+            async with relay_for(port, security="none", username="u", password="pw") as relay:
+                return await relay.send("rep@corp.test", ["plain@c.test"], MESSAGE)
+
+        assert run(allowed())[0].delivered
+    assert got == [("u", "plain@c.test")]
+
+
+def test_auth_login_when_plain_is_not_offered(test_ca: TestCA) -> None:
+    users = _Users("login-user", "pw")
+    with auth_server(test_ca, users, exclude=["PLAIN"]) as (port, got):
+
+        async def scenario() -> list[RecipientResult]:
+            async with relay_for(
+                port,
+                security="starttls",
+                ca_file=test_ca.ca_file,
+                username="login-user",
+                password="pw",
+            ) as relay:
+                return await relay.send("rep@corp.test", ["login@c.test"], MESSAGE)
+
+        assert run(scenario())[0].delivered
+    assert users.attempts == ["LOGIN"]
+    assert got == [("login-user", "login@c.test")]
+
+
+def test_a_server_silent_in_mid_session_times_out(test_ca: TestCA) -> None:
+    # An authenticator that claims to have answered but did not: AUTH never gets a reply.
+    def mute(*args: Any) -> AuthResult:
+        return AuthResult(success=False, handled=True)
+
+    with auth_server(test_ca, mute) as (port, got):  # type: ignore[arg-type]
+
+        async def scenario() -> list[RecipientResult]:
+            async with relay_for(
+                port,
+                security="starttls",
+                ca_file=test_ca.ca_file,
+                username="u",
+                password="pw",
+                command_timeout_seconds=0.5,
+            ) as relay:
+                return await relay.send("rep@corp.test", ["a@c.test"], MESSAGE)
+
+        started = time.monotonic()
+        results = run(scenario())
+    assert time.monotonic() - started < 5
+    assert results[0].code == 0 and not results[0].permanent
+    assert "timed out" in results[0].text
+    assert got == []
