@@ -16,6 +16,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import make_url
 
+from crm_api.settings import ConfigError
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -39,7 +41,13 @@ def make_engine(url: str) -> sa.Engine:
         return sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
     database = make_url(url).database
     if database and database != ":memory:":
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"database_url: cannot create {Path(database).parent} ({exc.strerror}); "
+                "point database_url at a writable directory"
+            ) from None
     # Sessions hop between threadpool threads (dependency, then endpoint), never concurrently.
     engine = sa.create_engine(
         url, connect_args={"check_same_thread": False}, pool_size=10, max_overflow=20
