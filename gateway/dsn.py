@@ -211,10 +211,12 @@ def _fold(field: str, width: int = 78) -> str:
 
 def _wrap(text: str, *, indent: str = "", width: int = 76) -> list[str]:
     """Plain-text paragraph wrapping; continuation lines indented by ``indent``."""
-    text = _CONTROL.sub(" ", text)
+    text = _CONTROL.sub(" ", text)[:2000]
+    # A "word" longer than a line (a hostile reply) is cut into line-sized pieces.
+    words = [w[i : i + width] for w in text.split() for i in range(0, len(w), width)]
     lines: list[str] = []
     current = ""
-    for word in text.split():
+    for word in words:
         if current and len(current) + 1 + len(word) > width:
             lines.append(current)
             current = indent + word
