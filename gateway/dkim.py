@@ -4,12 +4,14 @@ Keys live at ``<key_dir>/<domain>/<selector>.<rsa|ed25519>.pem`` (PKCS#8 PEM, mo
 :func:`generate_key` writes one and :meth:`DkimKey.txt_record` gives the DNS record to publish,
 :func:`load_keys` reads them all into a :class:`KeyRing`. :class:`DkimSigner` signs with relaxed/
 relaxed canonicalisation (RFC 6376 §3.4) and returns only the ``DKIM-Signature`` header field(s)
-to put in front of the message, so a large message is never copied. dkimpy does everything DKIM-
-specific (parsing, canonicalisation, header selection, tag formatting, folding); only the RSA
-private-key operation is moved from dkimpy's pure-Python ``pow()`` (about 125 signatures/s) to
-OpenSSL through ``cryptography`` (about 3,700/s), through the one seam described at
-:class:`_DkimpyWithOpenSsl`. ed25519 (RFC 8463) stays on dkimpy's own PyNaCl path, which is
-already native code and measured faster than ``cryptography``'s ed25519 here.
+to put in front of the message, so a large message is never copied. dkimpy does the DKIM work
+(header parsing and canonicalisation, header selection, tag formatting, folding) with two
+changes made at one seam, :class:`_DkimpyWithOpenSsl`: the RSA private-key operation runs in
+OpenSSL through ``cryptography`` (about 3,700/s) instead of dkimpy's pure-Python ``pow()``
+(about 125/s), and the body is canonicalised and hashed in chunks with dkimpy's own functions
+instead of all at once (which took 40 times a big message's size in memory). The output is
+byte for byte dkimpy's. ed25519 (RFC 8463) keeps dkimpy's PyNaCl path, already native code and
+measured faster here than ``cryptography``'s ed25519.
 """
 
 from __future__ import annotations
@@ -83,7 +85,11 @@ def normalise_domain(domain: str) -> str:
 
 @dataclass(frozen=True)
 class DkimKey:
-    """One signing key: the ``d=`` domain, ``s=`` selector, algorithm and private key."""
+    """One signing key: the ``d=`` domain, ``s=`` selector, algorithm and private key.
+
+    Two keys are equal when they name the same DNS record (domain, selector, algorithm); compare
+    :attr:`record_value` to compare the key material.
+    """
 
     domain: str
     selector: str
@@ -461,12 +467,13 @@ class DkimSigner:
             names.insert(0, "from")  # RFC 6376 §5.4: From MUST be signed
         self._headers = tuple(names)
         self._keys = keys
-        # The OpenSSL seam leans on dkimpy internals (see _DkimpyWithOpenSsl): prove it against
-        # dkimpy's own verifier once, so an incompatible dkimpy fails here and not at the
-        # receivers, silently, on every message.
-        first_rsa = next((k for k in keys if k.algorithm == "rsa-sha256"), None)
-        if first_rsa is not None:
-            _check_seam(first_rsa)
+        # The seam leans on dkimpy internals (see _DkimpyWithOpenSsl): prove it against dkimpy's
+        # own verifier once per algorithm, so an incompatible dkimpy fails here, loudly, and not
+        # at the receivers, silently, on every message.
+        for algorithm in _SUFFIX:
+            sample = next((k for k in keys if k.algorithm == algorithm), None)
+            if sample is not None:
+                _check_seam(sample)
 
     @classmethod
     def from_settings(cls, settings: DkimSettings) -> DkimSigner:
@@ -490,8 +497,8 @@ class DkimSigner:
         ``domain`` is the From domain; the signature's ``d=`` is that domain or the parent whose
         key :meth:`KeyRing.for_domain` picked. Returns ``b""`` when no key fits, so the caller
         writes ``signer.sign(m, domain=d) + m`` either way. ``message`` is the whole message with
-        CRLF (or LF) line ends; it is not copied or changed. Raises :class:`UnsignableMessage`
-        (a :class:`Reject`) when the header section cannot be parsed.
+        CRLF (or LF) line ends; it is never copied whole, nor changed. Raises
+        :class:`UnsignableMessage` (a :class:`Reject`) when the header section cannot be parsed.
 
         >>> signer.sign(message, domain="example.com")
         b'DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.com;\\r\\n i=@ex…'
@@ -549,12 +556,13 @@ class _OpenSslRsa:
 
 
 class _DkimpyWithOpenSsl(dkim.DKIM):  # type: ignore[misc]  # dkimpy has no type hints
-    """dkimpy's DKIM signer, unchanged except that the RSA private-key operation runs in OpenSSL.
+    """dkimpy's DKIM signer with the RSA key operation in OpenSSL and the body hashed in chunks.
 
-    The seam: dkimpy 1.1.8's ``DomainSigner.gen_header`` hashes the headers and then does the
-    key operation in one of two branches, chosen by ``self.signature_algorithm``. The RSA branch
-    calls the module-level pure-Python ``RSASSA_PKCS1_v1_5_sign(h, pk)``; the ed25519 branch
-    calls ``pk.sign(h.digest()).signature`` on whatever key object it is given. By the time
+    The key operation: dkimpy 1.1.8's ``DomainSigner.gen_header`` hashes the headers and then
+    does the key operation in one of two branches, chosen by ``self.signature_algorithm``. The
+    RSA branch calls the module-level pure-Python ``RSASSA_PKCS1_v1_5_sign(h, pk)``; the
+    ed25519 branch calls ``pk.sign(h.digest()).signature`` on whatever key object it is given.
+    By the time
     ``gen_header`` runs, ``DKIM.sign`` has already fixed everything the algorithm decides (the
     ``a=`` tag in ``fields``, and ``self.hasher``, SHA-256 for both), so for that one call we
     select the duck-typed branch and hand it :class:`_OpenSslRsa`. This touches one instance,
@@ -633,7 +641,7 @@ _SEAM_PROBE = b"From: probe@example.invalid\r\nSubject: seam check\r\n\r\nThis i
 
 
 def _check_seam(key: DkimKey) -> None:
-    """Sign a probe through the OpenSSL seam and verify it with dkimpy; raise if it fails."""
+    """Sign a probe through :class:`_DkimpyWithOpenSsl` and verify it with dkimpy, or raise."""
     header_section, body_start = _split_message(_SEAM_PROBE)
     header = _DkimpyWithOpenSsl(header_section).sign_with(
         key, [b"from", b"subject", b"from"], relaxed_body_hash(_SEAM_PROBE, body_start)
@@ -645,8 +653,8 @@ def _check_seam(key: DkimKey) -> None:
 
     if not dkim.verify(header + _SEAM_PROBE, dnsfunc=dns):
         raise RuntimeError(
-            f"gateway/dkim.py: dkimpy {_dkimpy_version()} no longer works with the OpenSSL "
-            "signing seam (signatures would fail); install dkimpy 1.1.8 or update "
+            f"gateway/dkim.py: dkimpy {_dkimpy_version()} no longer works with our signing seam "
+            f"({key.algorithm} signatures would fail); install dkimpy 1.1.8 or update "
             "_DkimpyWithOpenSsl"
         )
 
