@@ -219,6 +219,7 @@ class _Session:
         self.extensions: dict[str, str] = {}
         self.tls = writer.get_extra_info("sslcontext") is not None
         self.broken = False
+        self.dirty = False  # a transaction began and did not reach its final DATA reply
         self.created = time.monotonic()
         self.expiry: asyncio.TimerHandle | None = None
 
@@ -226,8 +227,11 @@ class _Session:
 
     async def _write(self, data: bytes | memoryview) -> None:
         self.writer.write(data)
-        async with asyncio.timeout(self._timeout):
-            await self.writer.drain()
+        # Wait (bounded) only when the kernel did not take it all; a lost connection shows up
+        # at the next reply instead, so the common case costs no timer.
+        if self.writer.transport.get_write_buffer_size():
+            async with asyncio.timeout(self._timeout):
+                await self.writer.drain()
 
     async def command(self, *lines: str, utf8: bool = False) -> None:
         encoding = "utf-8" if utf8 else "ascii"
@@ -367,12 +371,12 @@ class _Session:
     # -- one message ---------------------------------------------------------------------------
 
     async def transact(
-        self, sender: str, recipients: Sequence[str], payload: _Payload, *, reset: bool
+        self, sender: str, recipients: Sequence[str], payload: _Payload, *, reuse: bool
     ) -> list[RecipientResult]:
         """MAIL, RCPT…, DATA for one message; one result per recipient, in order.
 
         Network failures become temporary results (and mark the session broken), except that on
-        a reused connection (``reset``) a failure before the RSET reply raises :class:`_Stale`:
+        a reused connection (``reuse``) a failure before the first reply raises :class:`_Stale`:
         the server had closed it while idle, nothing was sent, and the caller reconnects.
         """
         final: dict[int, RecipientResult] = {}
@@ -400,27 +404,27 @@ class _Session:
             accepted: list[int] = []
             data_reply: _Reply | None = None
             pipelining = "PIPELINING" in self.extensions
+            # RSET cleans up after a transaction that did not end with DATA, and probes a
+            # pooled connection. With PIPELINING it rides in the same packet, so always; without,
+            # it would cost a round trip per message, so a cleanly ended transaction goes
+            # straight to MAIL and MAIL's reply is the probe instead (RFC 5321 §4.1.1.5: the
+            # state after a completed DATA is already reset).
+            reset = reuse and (pipelining or self.dirty)
+            self.dirty = True
             if pipelining:
-                # RFC 2920 §3.1: RSET, MAIL, RCPT may be pipelined, DATA last in the group.
-                batch = (["RSET"] if reset else []) + [mail, *rcpts, "DATA"]
-                try:
-                    await self.command(*batch, utf8=smtputf8)
-                except ConnectionError:
-                    if reset:
-                        raise _Stale from None
-                    raise
-                if reset:
-                    await self._reset_reply()
+                first = ["RSET"] if reset else []
+                await self._send_first([*first, mail, *rcpts, "DATA"], probe=reuse, utf8=smtputf8)
             else:
-                if reset:
-                    try:
-                        await self.command("RSET")
-                    except ConnectionError:
-                        raise _Stale from None
-                    await self._reset_reply()
-                await self.command(mail, utf8=smtputf8)
+                await self._send_first(["RSET"] if reset else [mail], probe=reuse, utf8=smtputf8)
+            probe = reuse
+            if reset:
+                if (await self._probe_reply(probe)).code != 250:
+                    raise _Stale
+                probe = False
+                if not pipelining:
+                    await self.command(mail, utf8=smtputf8)
             phase = "after MAIL FROM"
-            mail_reply = await self.reply()
+            mail_reply = await self._probe_reply(probe)
             mail_ok = 200 <= mail_reply.code < 300
             phase = "after RCPT TO"
             for index, command in enumerate(rcpts):
@@ -454,6 +458,7 @@ class _Session:
                     await self._send_data(payload.data)
                     phase = "after end of data"
                     data_reply = await self.reply()
+                    self.dirty = False  # RFC 5321 §4.1.1.4: the transaction is over either way
                 for index in accepted:
                     final[index] = self._result(recipients[index], data_reply)
         except _SessionFailed as failure:
@@ -471,13 +476,22 @@ class _Session:
                     final[index] = RecipientResult(recipient, 0, text, "4.4.2")
         return [final[index] for index in range(len(recipients))]
 
-    async def _reset_reply(self) -> None:
+    async def _send_first(self, lines: list[str], *, probe: bool, utf8: bool) -> None:
         try:
-            reply = await self.reply()
+            await self.command(*lines, utf8=utf8)
+        except ConnectionError:
+            if probe:
+                raise _Stale from None
+            raise
+
+    async def _probe_reply(self, probe: bool) -> _Reply:
+        """A reply; on a reused connection, no reply at all means it went stale while idle."""
+        if not probe:
+            return await self.reply()
+        try:
+            return await self.reply()
         except (ConnectionError, EOFError, _SessionFailed, _ProtocolError):
             raise _Stale from None
-        if reply.code != 250:
-            raise _Stale
 
     async def _send_data(self, data: bytes) -> None:
         if len(data) <= _WRITE_CHUNK:
@@ -598,6 +612,11 @@ class Relay:
             self._deliver(route, sender, indices, recipients, payload)
             for route, indices in groups.items()
         ]
+        if len(deliveries) == 1:  # the smarthost case: no task needed
+            (indices,) = groups.values()
+            for index, result in zip(indices, await deliveries[0], strict=True):
+                results[index] = result
+            return [results[index] for index in range(len(recipients))]
         try:
             # A TaskGroup so that a bug in one route's delivery cancels the others.
             async with asyncio.TaskGroup() as tasks:
@@ -649,7 +668,7 @@ class Relay:
         session = self._take_idle(pool)
         if session is not None:
             try:
-                return await self._run(pool, session, sender, batch, payload, reset=True)
+                return await self._run(pool, session, sender, batch, payload, reuse=True)
             except _Stale:
                 # The server closed it while it sat idle; its older siblings likely went too.
                 log.debug("pooled connection to %s was closed by the server", session.where)
@@ -661,8 +680,8 @@ class Relay:
         except _SessionFailed as failure:
             return [RecipientResult(r, 0, failure.text, failure.enhanced) for r in batch]
         try:
-            return await self._run(pool, session, sender, batch, payload, reset=False)
-        except _Stale:  # only raised with reset=True
+            return await self._run(pool, session, sender, batch, payload, reuse=False)
+        except _Stale:  # only raised with reuse=True
             raise AssertionError("a fresh connection cannot be stale") from None
 
     async def _run(
@@ -673,13 +692,13 @@ class Relay:
         batch: list[str],
         payload: _Payload,
         *,
-        reset: bool,
+        reuse: bool,
     ) -> list[RecipientResult]:
         try:
             try:
-                results = await session.transact(sender, batch, payload, reset=reset)
+                results = await session.transact(sender, batch, payload, reuse=reuse)
             except _NeedsSplit:
-                results = await self._split_utf8(session, sender, batch, payload, reset=reset)
+                results = await self._split_utf8(session, sender, batch, payload, reuse=reuse)
         except BaseException:
             session.abort()  # stale, cancelled or a bug: never pool a connection mid-dialogue
             raise
@@ -693,12 +712,12 @@ class Relay:
         return results
 
     async def _split_utf8(
-        self, session: _Session, sender: str, batch: list[str], payload: _Payload, *, reset: bool
+        self, session: _Session, sender: str, batch: list[str], payload: _Payload, *, reuse: bool
     ) -> list[RecipientResult]:
         """Send to the ASCII recipients; refuse the others (RFC 6531 §3.2, no SMTPUTF8)."""
         ascii_only = [r for r in batch if r.isascii()]
         sent = iter(
-            await session.transact(sender, ascii_only, payload, reset=reset) if ascii_only else []
+            await session.transact(sender, ascii_only, payload, reuse=reuse) if ascii_only else []
         )
         text = f"{session.where} does not support SMTPUTF8, needed for this address"
         return [
