@@ -20,6 +20,7 @@ from gateway.relay import RecipientResult, Relay
 from gateway.settings import RelaySettings
 from tests.servers.certs import TestCA
 from tests.servers.ports import free_port
+from tests.servers.postfix import PostfixRelay
 from tests.servers.sink import MessageSink, Received
 
 MESSAGE = b"From: rep@corp.test\r\nTo: buyer@client.test\r\nSubject: Offer\r\n\r\nHello.\r\n"
@@ -252,6 +253,8 @@ def test_all_recipients_refused_sends_no_data(plain_sink: MessageSink) -> None:
     results, wire = run(scenario())
     assert results[0].permanent
     assert wire.count(b"Subject: Offer") == 1  # only the second message's data went out
+    # The unfinished transaction is reset before the next one on the same connection.
+    assert b"RCPT TO:<reject@c.test>\r\nRSET\r\nMAIL FROM:<rep@corp.test>" in wire
     assert len(arrived(plain_sink, "fine@c.test")) == 1
 
 
@@ -646,3 +649,122 @@ def test_a_server_silent_in_mid_session_times_out(test_ca: TestCA) -> None:
     assert results[0].code == 0 and not results[0].permanent
     assert "timed out" in results[0].text
     assert got == []
+
+
+# -- Postfix as the smarthost --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def postfix_sink() -> Iterator[MessageSink]:
+    with MessageSink() as sink:
+        yield sink
+
+
+@pytest.fixture(scope="module")
+def tls_postfix(postfix_sink: MessageSink, test_ca: TestCA) -> Iterator[PostfixRelay]:
+    with PostfixRelay(postfix_sink, tls=test_ca.server) as postfix:
+        yield postfix
+
+
+def test_delivery_through_postfix_over_verified_starttls(
+    tls_postfix: PostfixRelay, postfix_sink: MessageSink, test_ca: TestCA
+) -> None:
+    message = b"Subject: via postfix\r\n\r\n.dot line\r\nend\r\n"
+
+    async def scenario() -> list[RecipientResult]:
+        async with relay_for(
+            tls_postfix.port, security="starttls", ca_file=test_ca.ca_file
+        ) as relay:
+            return await relay.send("rep@corp.test", ["pf1@client.test", "pf2@c.test"], message)
+
+    results = run(scenario())
+    assert [r.code for r in results] == [250, 250]
+    assert "queued as" in results[0].text
+    received = arrived(postfix_sink, "pf1@client.test")[0]
+    assert set(received.rcpt_tos) == {"pf1@client.test", "pf2@c.test"}
+    parsed = received.message()
+    assert "using TLS" in parsed["Received"]  # Postfix's smtpd_tls_received_header
+    assert parsed["Subject"] == "via postfix"
+    assert received.data.endswith(b"\r\n\r\n.dot line\r\nend\r\n")  # unstuffed once, intact
+
+
+def test_implicit_tls_to_postfix(
+    tls_postfix: PostfixRelay, postfix_sink: MessageSink, test_ca: TestCA
+) -> None:
+    assert tls_postfix.tls_port is not None
+
+    async def scenario() -> list[RecipientResult]:
+        # The certificate names "localhost" and 127.0.0.1; connect by name to check the name.
+        async with relay_for(
+            tls_postfix.tls_port, host="localhost", security="tls", ca_file=test_ca.ca_file
+        ) as relay:
+            return await relay.send("rep@corp.test", ["implicit@client.test"], MESSAGE)
+
+    assert run(scenario())[0].delivered
+    assert "using TLS" in arrived(postfix_sink, "implicit@client.test")[0].message()["Received"]
+
+
+@pytest.mark.parametrize("security", ["starttls", "tls"])
+def test_postfix_certificate_from_an_untrusted_ca_fails_temporarily(
+    tls_postfix: PostfixRelay, security: str
+) -> None:
+    port = tls_postfix.port if security == "starttls" else tls_postfix.tls_port
+    assert port is not None
+
+    async def scenario() -> list[RecipientResult]:
+        async with relay_for(port, security=security) as relay:
+            return await relay.send("rep@corp.test", ["untrusted@client.test"], MESSAGE)
+
+    result = run(scenario())[0]
+    assert (result.code, result.permanent, result.enhanced) == (0, False, "4.7.5")
+    assert "certificate verification failed" in result.text
+
+
+def test_certificate_for_another_name_fails_verification(test_ca: TestCA) -> None:
+    # A certificate from the trusted CA, but for another name than the one we connect to.
+    other = test_ca.issue("other.mailgate.test")
+    with MessageSink(tls_context=test_ca.server_context(other)) as sink:
+
+        async def scenario() -> list[RecipientResult]:
+            async with relay_for(sink.port, security="starttls", ca_file=test_ca.ca_file) as relay:
+                return await relay.send("rep@corp.test", ["name@client.test"], MESSAGE)
+
+        result = run(scenario())[0]
+        assert sink.messages == []
+    assert result.code == 0 and "certificate verification failed" in result.text
+    assert "127.0.0.1" in result.text
+
+
+def test_postfix_refuses_one_recipient_and_takes_the_other(
+    tls_postfix: PostfixRelay, postfix_sink: MessageSink, test_ca: TestCA
+) -> None:
+    async def scenario() -> list[RecipientResult]:
+        async with relay_for(
+            tls_postfix.port, security="starttls", ca_file=test_ca.ca_file
+        ) as relay:
+            return await relay.send(
+                "rep@corp.test", ["bad@client..test", "good@client.test"], MESSAGE
+            )
+
+    bad, good = run(scenario())
+    assert (bad.code, bad.enhanced, bad.permanent) == (501, "5.1.3", True)
+    assert good.delivered
+    assert arrived(postfix_sink, "good@client.test")[0].rcpt_tos == ("good@client.test",)
+
+
+def test_postfix_sees_one_session_for_many_messages_with_rset_between(
+    tls_postfix: PostfixRelay, postfix_sink: MessageSink, test_ca: TestCA
+) -> None:
+    async def scenario() -> None:
+        async with relay_for(
+            tls_postfix.port, security="starttls", ca_file=test_ca.ca_file, helo_name="reuse.test"
+        ) as relay:
+            for n in range(10):
+                results = await relay.send("rep@corp.test", [f"pfreuse{n}@c.test"], MESSAGE)
+                assert results[0].delivered
+
+    run(scenario())
+    # smtpd logs one line per session with its command counts (PIPELINING carries the RSETs).
+    log = tls_postfix.wait_logged("mail=10 rcpt=10 data=10 rset=9 quit=1")
+    assert "ehlo=2 starttls=1 mail=10 rcpt=10 data=10 rset=9 quit=1 commands=43" in log
+    assert len(postfix_sink.wait_for(10, 20, where=lambda m: "pfreuse" in m.rcpt_tos[0])) == 10
