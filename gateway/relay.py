@@ -509,13 +509,13 @@ class _Session:
         limit = self.extensions.get("SIZE", "")
         if limit.isdigit() and 0 < int(limit) < len(payload.data):  # RFC 1870 §4
             text = f"message of {len(payload.data)} bytes exceeds {self.where}'s limit of {limit}"
-            return [RecipientResult(r, 552, text, "5.3.4", self.host) for r in recipients]
+            return [RecipientResult(r, 552, text, "5.3.4") for r in recipients]
         if "SMTPUTF8" in self.extensions:
             return None
         # RFC 6531 §3.2: a non-ASCII address cannot go to a server without SMTPUTF8.
         if not sender.isascii():
             text = f"{self.where} does not support SMTPUTF8, needed for the sender {sender}"
-            return [RecipientResult(r, 550, text, "5.6.7", self.host) for r in recipients]
+            return [RecipientResult(r, 550, text, "5.6.7") for r in recipients]
         if all(r.isascii() for r in recipients):
             return None
         raise _NeedsSplit
@@ -721,8 +721,7 @@ class Relay:
         )
         text = f"{session.where} does not support SMTPUTF8, needed for this address"
         return [
-            next(sent) if r.isascii() else RecipientResult(r, 553, text, "5.6.7", session.host)
-            for r in batch
+            next(sent) if r.isascii() else RecipientResult(r, 553, text, "5.6.7") for r in batch
         ]
 
     def _take_idle(self, pool: _Pool) -> _Session | None:
@@ -765,6 +764,8 @@ class Relay:
             hosts = list(preference)
             random.shuffle(hosts)  # RFC 5321 §5.1: spread load over equal preferences
             for host in hosts:
+                if attempts == MAX_MX_ADDRESSES:
+                    break
                 addresses, problem = await self._addresses(host)
                 if not addresses:
                     failures.append(f"MX host {host}: {problem}")

@@ -768,3 +768,26 @@ def test_postfix_sees_one_session_for_many_messages_with_rset_between(
     log = tls_postfix.wait_logged("mail=10 rcpt=10 data=10 rset=9 quit=1")
     assert "ehlo=2 starttls=1 mail=10 rcpt=10 data=10 rset=9 quit=1 commands=43" in log
     assert len(postfix_sink.wait_for(10, 20, where=lambda m: "pfreuse" in m.rcpt_tos[0])) == 10
+
+
+def test_message_over_the_servers_size_limit_is_refused_before_data() -> None:
+    class Handler:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            return "250 2.0.0 OK"
+
+    controller = Controller(Handler(), hostname="127.0.0.1", port=free_port(), data_size_limit=1024)
+    controller.start()
+    try:
+
+        async def scenario() -> tuple[list[RecipientResult], bytes]:
+            async with WireTap(controller.port) as tap, relay_for(tap.port) as relay:
+                big = b"Subject: big\r\n\r\n" + b"x" * 2000 + b"\r\n"
+                results = await relay.send("rep@corp.test", ["size@c.test"], big)
+                return results, bytes(tap.sent[0])
+
+        results, wire = run(scenario())
+    finally:
+        controller.stop()
+    assert (results[0].code, results[0].enhanced, results[0].permanent) == (552, "5.3.4", True)
+    assert "limit of 1024" in results[0].text
+    assert b"MAIL FROM" not in wire  # RFC 1870: decided from EHLO's SIZE, nothing sent
