@@ -19,6 +19,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from gateway.relay import RecipientResult, Relay
 from gateway.settings import RelaySettings
 from tests.servers.certs import TestCA
+from tests.servers.dovecot import DovecotServer
 from tests.servers.ports import free_port
 from tests.servers.postfix import PostfixRelay
 from tests.servers.sink import MessageSink, Received
@@ -791,3 +792,68 @@ def test_message_over_the_servers_size_limit_is_refused_before_data() -> None:
     assert (results[0].code, results[0].enhanced, results[0].permanent) == (552, "5.3.4", True)
     assert "limit of 1024" in results[0].text
     assert b"MAIL FROM" not in wire  # RFC 1870: decided from EHLO's SIZE, nothing sent
+
+
+# -- Postfix requiring SMTP AUTH (checked by Dovecot's auth socket) ------------------------------
+
+
+@pytest.fixture(scope="module")
+def dovecot_auth() -> Iterator[DovecotServer]:
+    with DovecotServer() as dovecot:
+        yield dovecot
+
+
+@pytest.fixture(scope="module")
+def auth_postfix(
+    postfix_sink: MessageSink, test_ca: TestCA, dovecot_auth: DovecotServer
+) -> Iterator[PostfixRelay]:
+    with PostfixRelay(
+        postfix_sink, tls=test_ca.server, require_auth=True, sasl_socket=dovecot_auth.auth_socket
+    ) as postfix:
+        yield postfix
+
+
+def test_auth_to_postfix_smarthost(
+    auth_postfix: PostfixRelay,
+    postfix_sink: MessageSink,
+    test_ca: TestCA,
+    dovecot_auth: DovecotServer,
+) -> None:
+    user, password = dovecot_auth.new_user("relay")
+
+    async def scenario() -> list[RecipientResult]:
+        async with relay_for(
+            auth_postfix.port,
+            security="starttls",
+            ca_file=test_ca.ca_file,
+            username=user,
+            password=password,
+        ) as relay:
+            return await relay.send("rep@corp.test", ["pfauth@client.test"], MESSAGE)
+
+    assert run(scenario())[0].delivered
+    received = arrived(postfix_sink, "pfauth@client.test")[0]
+    assert f"Authenticated sender: {user}" in received.message()["Received"]
+    assert f"sasl_method=PLAIN, sasl_username={user}" in auth_postfix.log_text()
+
+
+def test_postfix_smarthost_without_auth_or_with_a_wrong_password(
+    auth_postfix: PostfixRelay, test_ca: TestCA, dovecot_auth: DovecotServer
+) -> None:
+    user, _ = dovecot_auth.new_user("relay")
+
+    async def scenario(**credentials: str) -> RecipientResult:
+        async with relay_for(
+            auth_postfix.port, security="starttls", ca_file=test_ca.ca_file, **credentials
+        ) as relay:
+            return (await relay.send("rep@corp.test", ["noauth@client.test"], MESSAGE))[0]
+
+    # Not configured for AUTH: Postfix refuses to relay, a permanent per-recipient answer.
+    anonymous = run(scenario())
+    assert (anonymous.code, anonymous.enhanced) == (554, "5.7.1")
+    assert "Access denied" in anonymous.text
+    # A wrong password is a configuration problem: temporary, so nothing bounces meanwhile.
+    wrong = run(scenario(username=user, password="not-the-password"))
+    assert wrong.code == 0 and not wrong.permanent
+    assert "refused AUTH" in wrong.text and "535" in wrong.text
+    assert "not-the-password" not in wrong.text
