@@ -13,8 +13,10 @@ from gateway.message import (
 
 
 def test_bcc_never_goes_out_and_the_body_is_untouched() -> None:
-    raw = (b"From: a@x.test\r\nBcc: hidden@y.test,\r\n  other@y.test\r\nTo: b@z.test\r\n\r\n"
-           b"Bcc: this line is body text\r\n")
+    raw = (
+        b"From: a@x.test\r\nBcc: hidden@y.test,\r\n  other@y.test\r\nTo: b@z.test\r\n\r\n"
+        b"Bcc: this line is body text\r\n"
+    )
     out = outgoing(raw, b"X-Added: 1\r\n")
     assert out.startswith(b"X-Added: 1\r\nFrom: a@x.test\r\nTo: b@z.test\r\n\r\n")
     assert b"hidden@" not in out and b"other@" not in out

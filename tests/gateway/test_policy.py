@@ -9,8 +9,11 @@ import pytest
 from gateway.smtp import policy
 from gateway.smtp.policy import Identity, SessionFacts, Verdict
 
-REP = Identity(login="rep@example.com", addresses=frozenset({"rep@example.com"}),
-               domains=frozenset({"sales.example.com"}))
+REP = Identity(
+    login="rep@example.com",
+    addresses=frozenset({"rep@example.com"}),
+    domains=frozenset({"sales.example.com"}),
+)
 AUTHED = SessionFacts(identity=REP, peer="192.0.2.7", tls=True)
 ANONYMOUS = SessionFacts(peer="192.0.2.7")
 TRUSTED = SessionFacts(peer="10.1.2.3", trusted_networks=(ipaddress.ip_network("10.0.0.0/8"),))
@@ -31,8 +34,14 @@ def test_routing_tricks_are_refused_even_after_auth(address: str) -> None:
 
 @pytest.mark.parametrize(
     "address",
-    ["victim@elsewhere.test", '"victim@elsewhere"@example.com', "victim@[192.0.2.1]",
-     "a%b@c.test", "c!d@e.test", "@x:y@z.test"],
+    [
+        "victim@elsewhere.test",
+        '"victim@elsewhere"@example.com',
+        "victim@[192.0.2.1]",
+        "a%b@c.test",
+        "c!d@e.test",
+        "@x:y@z.test",
+    ],
 )
 def test_nothing_is_relayed_without_auth(address: str) -> None:
     assert policy.recipient(address, ANONYMOUS, accepted=0, limit=10) is Verdict.AUTH_REQUIRED
@@ -53,7 +62,9 @@ def test_sender_must_be_the_users_own_address() -> None:
 
 
 def test_recipient_limit_answers_452() -> None:
-    assert policy.recipient("a@b.test", AUTHED, accepted=10, limit=10) is Verdict.TOO_MANY_RECIPIENTS
+    assert (
+        policy.recipient("a@b.test", AUTHED, accepted=10, limit=10) is Verdict.TOO_MANY_RECIPIENTS
+    )
     assert policy.REPLIES[Verdict.TOO_MANY_RECIPIENTS].startswith("452 4.5.3 ")
 
 

@@ -1,0 +1,1 @@
+"""Hooks: what the gateway tells CRMs (contact matching, events, signed webhooks)."""
