@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import dns.asyncresolver
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
@@ -19,6 +22,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from gateway.relay import RecipientResult, Relay
 from gateway.settings import RelaySettings
 from tests.servers.certs import TestCA
+from tests.servers.dns import AuthoritativeDns
 from tests.servers.dovecot import DovecotServer
 from tests.servers.ports import free_port
 from tests.servers.postfix import PostfixRelay
@@ -69,6 +73,7 @@ class WireTap:
         self.connections = 0
         self.sent: list[bytearray] = []  # per connection, what the client wrote
         self.hang_up_on_next_command = False
+        self.sabotage_next_starttls = False  # answer the TLS handshake with garbage, once
         self._peers: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -107,7 +112,18 @@ class WireTap:
         self._peers.append((client_w, up_w))
 
         async def client_to_server() -> None:
+            sabotaged = False
             while data := await client_r.read(65536):
+                if sabotaged:  # the client's TLS ClientHello: answer with something else
+                    client_w.write(b"this is not TLS\r\n" * 8)
+                    client_w.close()
+                    up_w.transport.abort()
+                    return
+                if self.sabotage_next_starttls and data.startswith(b"STARTTLS"):
+                    self.sabotage_next_starttls = False
+                    sabotaged = True
+                    client_w.write(b"220 2.0.0 Ready to start TLS\r\n")
+                    continue
                 if self.hang_up_on_next_command:
                     self.hang_up_on_next_command = False
                     client_w.transport.abort()
@@ -857,3 +873,215 @@ def test_postfix_smarthost_without_auth_or_with_a_wrong_password(
     assert wrong.code == 0 and not wrong.permanent
     assert "refused AUTH" in wrong.text and "535" in wrong.text
     assert "not-the-password" not in wrong.text
+
+
+# -- direct delivery to MX hosts, found through NSD --------------------------------------------
+
+_zones = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def nsd() -> Iterator[AuthoritativeDns]:
+    with AuthoritativeDns() as server:
+        yield server
+
+
+@pytest.fixture
+def zone(nsd: AuthoritativeDns) -> str:
+    """A fresh zone name per test, so that records from other tests never interfere."""
+    return f"mx{os.getpid()}-{next(_zones)}.test"
+
+
+def async_resolver(nsd: AuthoritativeDns, port: int | None = None) -> dns.asyncresolver.Resolver:
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers = [nsd.host]
+    resolver.port = nsd.port if port is None else port
+    resolver.lifetime = resolver.timeout = 2.0
+    return resolver
+
+
+def mx_send(
+    nsd: AuthoritativeDns,
+    port: int,
+    recipients: list[str],
+    *,
+    message: bytes = MESSAGE,
+    resolver_port: int | None = None,
+) -> list[RecipientResult]:
+    # In mx mode, relay.port is the port every MX host is contacted on: 25 in production,
+    # the sink's port here.
+    async def scenario() -> list[RecipientResult]:
+        relay = Relay(
+            settings(mode="mx", port=port),
+            hostname="gw.mailgate.test",
+            resolver=async_resolver(nsd, resolver_port),
+        )
+        try:
+            return await relay.send("rep@corp.test", recipients, message)
+        finally:
+            await relay.aclose()
+
+    result: list[RecipientResult] = run(scenario())
+    return result
+
+
+def test_mx_delivery_to_the_published_host(
+    nsd: AuthoritativeDns, zone: str, plain_sink: MessageSink
+) -> None:
+    nsd.publish(zone, ["@ IN MX 10 mail", "mail IN A 127.0.0.1"])
+    (result,) = mx_send(nsd, plain_sink.port, [f"buyer@{zone}"])
+    assert result.delivered, result
+    assert result.remote_mta == f"mail.{zone}"
+    assert arrived(plain_sink, f"buyer@{zone}")[0].mail_from == "rep@corp.test"
+
+
+def test_mx_hosts_are_tried_in_order_of_preference(
+    nsd: AuthoritativeDns, zone: str, plain_sink: MessageSink
+) -> None:
+    # The preferred MX (127.0.0.2, same port) is busy and says so; the backup takes the mail.
+    busy_connections: list[str] = []
+
+    async def busy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        busy_connections.append("connected")
+        writer.write(b"421 4.3.2 busy, try the backup\r\n")
+        await writer.drain()
+        writer.close()
+
+    nsd.publish(
+        zone,
+        [
+            "@ IN MX 50 backup",
+            "@ IN MX 10 primary",
+            "primary IN A 127.0.0.2",
+            "backup IN A 127.0.0.1",
+        ],
+    )
+
+    async def scenario() -> list[RecipientResult]:
+        server = await asyncio.start_server(busy, "127.0.0.2", plain_sink.port)
+        try:
+            relay = Relay(
+                settings(mode="mx", port=plain_sink.port),
+                hostname="gw.mailgate.test",
+                resolver=async_resolver(nsd),
+            )
+            try:
+                return await relay.send("rep@corp.test", [f"pref@{zone}"], MESSAGE)
+            finally:
+                await relay.aclose()
+        finally:
+            server.close()
+
+    (result,) = run(scenario())
+    assert result.delivered and result.remote_mta == f"backup.{zone}", result
+    assert busy_connections == ["connected"]
+    assert len(arrived(plain_sink, f"pref@{zone}")) == 1
+
+
+def test_unreachable_mx_hosts_give_a_temporary_failure(
+    nsd: AuthoritativeDns, zone: str, plain_sink: MessageSink
+) -> None:
+    nsd.publish(zone, ["@ IN MX 10 gone", "gone IN A 127.0.0.2"])
+    (result,) = mx_send(nsd, plain_sink.port, [f"x@{zone}"])
+    assert result.code == 0 and not result.permanent
+    assert f"gone.{zone}[127.0.0.2]" in result.text and "connection refused" in result.text
+
+
+def test_domain_without_mx_uses_its_address_as_implicit_mx(
+    nsd: AuthoritativeDns, zone: str, plain_sink: MessageSink
+) -> None:
+    nsd.publish(zone, ["@ IN A 127.0.0.1"])  # RFC 5321 §5.1
+    (result,) = mx_send(nsd, plain_sink.port, [f"implicit@{zone}"])
+    assert result.delivered and result.remote_mta == zone, result
+    assert len(arrived(plain_sink, f"implicit@{zone}")) == 1
+
+
+def test_null_mx_is_a_permanent_556(
+    nsd: AuthoritativeDns, zone: str, plain_sink: MessageSink
+) -> None:
+    nsd.publish(zone, ["@ IN MX 0 .", "@ IN A 127.0.0.1"])  # RFC 7505: no mail, whatever A says
+    (result,) = mx_send(nsd, plain_sink.port, [f"nobody@{zone}"])
+    assert (result.code, result.enhanced, result.permanent) == (556, "5.1.10", True)
+    assert "null MX" in result.text
+    assert not [m for m in plain_sink.messages if f"nobody@{zone}" in m.rcpt_tos]
+
+
+def test_nxdomain_and_no_mail_records_are_permanent(
+    nsd: AuthoritativeDns, zone: str, plain_sink: MessageSink
+) -> None:
+    nsd.publish(zone, ['nomail IN TXT "no MX, no A"'])
+    missing, nomail = mx_send(nsd, plain_sink.port, [f"a@nothere.{zone}", f"b@nomail.{zone}"])
+    assert (missing.code, missing.enhanced, missing.permanent) == (550, "5.1.2", True)
+    assert "NXDOMAIN" in missing.text
+    assert (nomail.code, nomail.permanent) == (550, True)
+    assert "no MX and no address record" in nomail.text
+
+
+def test_dns_failures_are_temporary(nsd: AuthoritativeDns, plain_sink: MessageSink) -> None:
+    # NSD refuses a zone it does not serve (the resolver sees no usable answer: SERVFAIL-like);
+    # a name server that does not answer at all times out.
+    (refused,) = mx_send(nsd, plain_sink.port, ["a@not-served.invalid"])
+    assert (refused.code, refused.enhanced, refused.permanent) == (451, "4.4.3", False)
+    started = time.monotonic()
+    (silent,) = mx_send(nsd, plain_sink.port, ["a@example.test"], resolver_port=free_port())
+    assert (silent.code, silent.enhanced, silent.permanent) == (451, "4.4.3", False)
+    assert time.monotonic() - started < 10
+
+
+def test_recipients_are_grouped_by_route_and_answered_in_order(
+    nsd: AuthoritativeDns, zone: str, plain_sink: MessageSink
+) -> None:
+    nsd.publish(
+        zone,
+        [
+            "one IN MX 10 mail",
+            "two IN MX 10 mail",  # the same MX host set: one route, one transaction
+            "three IN MX 0 .",
+            "mail IN A 127.0.0.1",
+        ],
+    )
+    recipients = [f"a@one.{zone}", f"b@three.{zone}", f"c@two.{zone}", f"reject@one.{zone}"]
+    results = mx_send(nsd, plain_sink.port, recipients)
+    assert [r.recipient for r in results] == recipients
+    assert [r.code for r in results] == [250, 556, 250, 550]
+    (received,) = arrived(plain_sink, f"a@one.{zone}")
+    assert received.rcpt_tos == (f"a@one.{zone}", f"c@two.{zone}")
+
+
+def test_opportunistic_starttls_to_mx_encrypts_without_verifying(
+    nsd: AuthoritativeDns, zone: str, test_ca: TestCA
+) -> None:
+    # The MX's certificate is for another name from a CA we do not trust: still encrypted.
+    other = test_ca.issue("not-the-mx.test")
+    with MessageSink(tls_context=test_ca.server_context(other), require_tls=True) as sink:
+        nsd.publish(zone, ["@ IN MX 10 mail", "mail IN A 127.0.0.1"])
+        (result,) = mx_send(nsd, sink.port, [f"tls@{zone}"])
+        assert result.delivered, result
+        assert arrived(sink, f"tls@{zone}")[0].tls
+
+
+def test_opportunistic_tls_falls_back_to_plaintext_when_the_handshake_fails(
+    nsd: AuthoritativeDns, zone: str, test_ca: TestCA
+) -> None:
+    # Something between us and the MX breaks the handshake; RFC 7435 §3 says deliver anyway.
+    with MessageSink(tls_context=test_ca.server_context()) as sink:
+        nsd.publish(zone, ["@ IN MX 10 mail", "mail IN A 127.0.0.1"])
+
+        async def scenario() -> tuple[list[RecipientResult], int]:
+            async with WireTap(sink.port) as tap:
+                tap.sabotage_next_starttls = True
+                relay = Relay(
+                    settings(mode="mx", port=tap.port),
+                    hostname="gw.mailgate.test",
+                    resolver=async_resolver(nsd),
+                )
+                try:
+                    results = await relay.send("rep@corp.test", [f"fallback@{zone}"], MESSAGE)
+                finally:
+                    await relay.aclose()
+                return results, tap.connections
+
+        (result,), connections = run(scenario())
+        assert result.delivered, result
+        assert connections == 2  # the broken TLS attempt, then plaintext
+        assert not arrived(sink, f"fallback@{zone}")[0].tls
