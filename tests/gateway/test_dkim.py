@@ -15,12 +15,13 @@ import re
 import stat
 import tracemalloc
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dkim
 import dkim.util
+import dns.resolver
 import pytest
 from dkim.canonicalization import Relaxed
 
@@ -36,6 +37,7 @@ from gateway.dkim import (
 )
 from gateway.errors import ConfigError, Reject
 from gateway.settings import DkimSettings
+from tests.servers.dns import AuthoritativeDns
 
 CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpora" / "flanker" / "messages"
 HEADERS = DkimSettings().headers
@@ -67,29 +69,37 @@ _zone_numbers = itertools.count()
 
 @pytest.fixture
 def zone() -> str:
-    """A fresh zone name per test, so records published by other tests never interfere."""
+    """A fresh zone per test (on the session's server), so tests never see each other's keys."""
     return f"dkim{os.getpid()}-{next(_zone_numbers)}.test"
 
 
 @pytest.fixture
-def published() -> dict[bytes, bytes]:
-    return {}
-
-
-@pytest.fixture
-def publish(published: dict[bytes, bytes]) -> Publish:
-    """Publish a key's TXT record (stand-in until tests/servers/dns.py lands)."""
+def publish(dns_server: AuthoritativeDns, zone: str) -> Iterator[Publish]:
+    """Publish keys' TXT records in ``zone`` on the authoritative server, as an admin would."""
+    records: list[str] = []
 
     def do(key: DkimKey) -> None:
-        published[key.record_name.encode()] = key.record_value.encode()
+        assert key.record_name.endswith(f".{zone}."), "keys in a test live under its zone"
+        records.append(key.txt_record())
+        dns_server.publish(zone, records)  # replaces the zone: all of this test's records
 
-    return do
+    yield do
+    if records:
+        dns_server.remove(zone)
 
 
 @pytest.fixture
-def dnsfunc(published: dict[bytes, bytes]) -> DnsFunc:
+def dnsfunc(dns_server: AuthoritativeDns) -> DnsFunc:
+    """dkimpy's ``dnsfunc``: the TXT record at a name, asked of the authoritative server."""
+    resolver = dns_server.resolver()
+
     def lookup(name: bytes, timeout: float = 5) -> bytes | None:
-        return published.get(name)
+        try:
+            answer = resolver.resolve(name.decode("ascii"), "TXT")
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers):
+            return None
+        # As dkimpy's own lookup does: one record, its strings joined (RFC 6376 §3.6.2.2).
+        return b"".join(next(iter(answer)).strings)
 
     return lookup
 
@@ -165,6 +175,8 @@ def test_signature_verifies_against_the_published_record(
     assert fields[b"a"] == algorithm.encode()
     assert fields[b"c"] == b"relaxed/relaxed"
     assert (fields[b"d"], fields[b"s"]) == (zone.encode(), b"s1")
+    # txt_record() survives a real zone file and server: the answer is the record, unchanged.
+    assert dnsfunc(f"s1._domainkey.{zone}.".encode()) == key.record_value.encode()
     assert verifies(header + message, dnsfunc)
 
 
