@@ -4,14 +4,15 @@
 returns one :class:`RecipientResult` per recipient and never raises for an SMTP, TLS, DNS or
 network failure (those become 4xx/5xx results, or code 0 when no server answered), so the caller
 decides retry or bounce from the codes alone. It speaks SMTP itself on asyncio streams rather than
-driving :mod:`smtplib` in threads: the worker is one event loop, and a native client gets real
-deadlines per command (``asyncio.timeout`` bounds a server that drips one byte a minute, which a
-socket timeout does not), clean cancellation, PIPELINING (RFC 2920: RSET+MAIL+RCPT…+DATA in one
-round trip), and a connection pool whose size is ``relay.max_connections`` rather than whatever the
-default thread pool allows (six threads on two cores); smtplib would also need its own CRLF fix-up
-for bytes (its ``_fix_eols`` applies to ``str`` only) and a way to abort a blocked thread. The cost
-is owning ~100 lines of reply parsing, STARTTLS and AUTH, which the tests drive against Postfix and
-aiosmtpd on real sockets.
+driving :mod:`smtplib` in threads, because the worker is one event loop: a native client gets a
+real deadline per reply (``asyncio.timeout`` also bounds a server that drips a byte a minute, which
+a socket timeout does not), clean cancellation, PIPELINING (RFC 2920: RSET, MAIL, RCPTs and DATA
+in one packet), and a pool bounded by ``relay.max_connections`` instead of by the default thread
+pool (six threads on two cores, shared with everything else that uses ``to_thread``); smtplib
+would also leave bytes with bare LFs as they are (its ``_fix_eols`` is for ``str`` only). The
+price is owning the reply parser, STARTTLS and AUTH, which the tests drive against Postfix,
+aiosmtpd and NSD on real sockets; the message itself goes out byte for byte, only made strict CRLF
+and dot-stuffed.
 """
 
 from __future__ import annotations
