@@ -47,8 +47,10 @@ class DovecotServer:
     """A private Dovecot instance.
 
     With ``tls`` (certificate files), ``ssl = required``: the IMAP port offers STARTTLS and
-    refuses LOGIN before it, and ``imaps_port`` speaks implicit TLS. Without it, plaintext IMAP
-    with plaintext logins allowed (``imaps_port`` is None).
+    ``imaps_port`` speaks implicit TLS. Without it, plaintext IMAP with plaintext logins allowed
+    (``imaps_port`` is None). Note that Dovecot counts a connection whose remote and local
+    addresses are equal as secure, so over loopback it accepts LOGIN before STARTTLS even with
+    ``ssl = required``: a test that needs "no credentials in clear" must check the client side.
     """
 
     def __init__(
@@ -117,6 +119,8 @@ stats_writer_socket_path =
 listen = 127.0.0.1
 {ssl}
 auth_mechanisms = plain login
+# Tests of wrong passwords should not wait out Dovecot's default 2 s penalty.
+auth_failure_delay = 0
 first_valid_uid = 8
 default_internal_user = dovecot
 default_login_user = dovenull
@@ -124,7 +128,6 @@ mail_location = maildir:{self.mail_dir}/%u/Maildir
 mailbox_idle_check_interval = {self.idle_check_interval} secs
 # Tests create many sessions from one address.
 mail_max_userip_connections = 1000
-login_trusted_networks =
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {self.users_dir}/%u
@@ -157,6 +160,14 @@ service lmtp {{
   inet_listener lmtp {{
     address = 127.0.0.1
     port = {self.lmtp_port}
+  }}
+}}
+# No auth penalty (an extra delay of up to 15 s per earlier failed login from the same IP), so
+# that a test of a wrong password does not slow down every later login: the auth process
+# disables it when it cannot connect to this socket (Dovecot's documented switch).
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
   }}
 }}
 service auth {{

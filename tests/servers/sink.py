@@ -35,7 +35,7 @@ DEFAULT_RCPT_REPLIES: Mapping[str, str] = {
 class Received:
     """One message as the sink received it."""
 
-    mail_from: str
+    mail_from: str  # "<>" for the null reverse-path (bounces), as aiosmtpd reports it
     rcpt_tos: tuple[str, ...]
     data: bytes  # the DATA payload exactly as received (dot-unstuffed, CRLF line ends)
     mail_options: tuple[str, ...]
