@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crm_api import crud, errors
 from crm_api.db import Database, migrate
+from crm_api.ingest import GroupCommitter
 from crm_api.routes import api_router, health
 from crm_api.settings import Settings, load_settings
 
@@ -90,6 +91,7 @@ class BodySizeLimit:
 
 def create_app(settings: Settings) -> FastAPI:
     db = Database(settings.database_url)
+    committer = GroupCommitter(db.engine, db.writer)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -100,6 +102,7 @@ def create_app(settings: Settings) -> FastAPI:
             session.commit()
         log.info("CRM ready on its database (%s)", db.engine.url.get_backend_name())
         yield
+        await committer.close()
         db.dispose()
 
     app = FastAPI(
@@ -111,6 +114,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.db = db
     app.state.webhook_keys = settings.webhooks.secret_keys()
+    app.state.ingest = committer
     errors.install(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     app.include_router(health.router)

@@ -1,0 +1,110 @@
+"""Group commit, in process: several events in one transaction behave exactly as if each had
+its own (a reply before its parent in the same batch, the same Message-ID or webhook-id twice in
+one batch), and one event that cannot be stored fails alone while its neighbours are stored."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlmodel import Session
+
+from crm_api import crud, ingest
+from crm_api.db import Database, migrate
+from crm_api.settings import PolicySettings
+from tests.crm_api.conftest import COMPANY, email_data
+
+
+def item(event_type: str, data: dict[str, Any], webhook_id: str) -> ingest.Item:
+    body = json.dumps({"type": event_type, "timestamp": "2026-01-01T00:00:00Z", "data": data})
+    return ingest.Item(webhook_id, int(time.time()), ingest.parse(body.encode()))
+
+
+def database(tmp_path: Path) -> Database:
+    db = Database(f"sqlite:///{tmp_path / 'batch.db'}")
+    migrate(db.engine)
+    with Session(db.engine) as session:
+        crud.seed_org(session=session, policy=PolicySettings(company_domains=[COMPANY]))
+        session.commit()
+    return db
+
+
+def rows(db: Database, sql: str) -> list[Any]:
+    with db.engine.connect() as conn:
+        return list(conn.execute(sa.text(sql)).all())
+
+
+def test_a_batch_threads_and_dedupes_like_single_events(tmp_path: Path) -> None:
+    db = database(tmp_path)
+    owner = f"ann@{COMPANY}"
+    parent = email_data(owner=owner, to=["p@client.example"], message_id="<Parent@x>")
+    child = email_data(
+        owner=owner,
+        to=["p@client.example"],
+        message_id="<child@x>",
+        in_reply_to="<parent@X>",
+        subject="Re: other words",
+    )
+    again = {**parent, "account": {**parent["account"], "id": "second-account"}}
+    items = [
+        item("email.logged", child, "w1"),  # the reply first …
+        item("email.logged", parent, "w2"),  # … then its parent, in the same transaction
+        item("email.logged", again, "w3"),  # the same message seen by a second account
+        item("email.logged", child, "w1"),  # a replay inside the batch
+        item("email.deleted", {"message_id": "<parent@x>", "account_id": "second-account"}, "w4"),
+    ]
+    assert ingest.store(engine=db.engine, items=items) == [
+        "stored",
+        "stored",
+        "stored",
+        "duplicate",
+        "stored",
+    ]
+    emails = rows(db, "SELECT message_id, thread_id FROM email ORDER BY message_id")
+    assert [m for m, _ in emails] == ["child@x", "parent@x"]
+    assert len({t for _, t in emails}) == 1  # one thread
+    assert rows(db, "SELECT count(*) FROM thread") == [(1,)]
+    links = rows(
+        db,
+        "SELECT e.message_id, l.account_id, l.status FROM email_account l "
+        "JOIN email e ON e.id = l.email_id ORDER BY e.message_id, l.account_id",
+    )
+    first_account = parent["account"]["id"]
+    assert links == sorted(
+        [
+            ("child@x", first_account, "active"),
+            ("parent@x", first_account, "active"),
+            ("parent@x", "second-account", "deleted"),
+        ]
+    )
+    assert rows(db, "SELECT count(*) FROM webhook_event") == [(4,)]
+    db.dispose()
+
+
+def test_one_bad_event_fails_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = database(tmp_path)
+    original = ingest._Batch._other
+
+    def sometimes_broken(self: ingest._Batch, it: ingest.Item) -> None:
+        if it.event.data.get("account_id") == "boom":
+            raise RuntimeError("simulated storage failure")
+        original(self, it)
+
+    monkeypatch.setattr(ingest._Batch, "_other", sometimes_broken)
+    good = [email_data(owner=f"ann@{COMPANY}", to=[f"g{i}@client.example"]) for i in range(3)]
+    items = [item("email.logged", g, f"ok{i}") for i, g in enumerate(good)]
+    bad = item("sync.completed", {"account_id": "boom"}, "bad")
+    results = ingest.store(engine=db.engine, items=[items[0], items[1], bad, items[2]])
+    assert results[:2] == ["stored", "stored"] and results[3] == "stored"
+    assert isinstance(results[2], RuntimeError)
+    assert rows(db, "SELECT count(*) FROM email") == [(3,)]
+    assert rows(db, "SELECT webhook_id FROM webhook_event ORDER BY webhook_id") == [
+        ("ok0",),
+        ("ok1",),
+        ("ok2",),
+    ]
+    db.dispose()
