@@ -109,7 +109,12 @@ class RelaySettings(Section):
 
     mode: Literal["smarthost", "mx"] = opt("smarthost", "smarthost or mx")
     host: str = opt("127.0.0.1", "Smarthost name or address")
-    port: int = opt(25, "Smarthost port (587 for STARTTLS submission, 465 for TLS)", ge=1, le=65535)
+    port: int = opt(
+        25,
+        "Smarthost port (587 for STARTTLS submission, 465 for TLS); in mx mode the MX port",
+        ge=1,
+        le=65535,
+    )
     security: Literal["starttls", "tls", "none"] = opt(
         "starttls", "starttls, tls (implicit) or none"
     )

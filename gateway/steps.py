@@ -9,8 +9,10 @@ store types), never protocol code.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Protocol
 
+from gateway.dkim import UnsignableMessage
 from gateway.errors import Defer
 from gateway.message import (
     addresses,
@@ -23,6 +25,8 @@ from gateway.message import (
 from gateway.relay import Relay
 from gateway.store.models import DeliveryState
 from gateway.store.queue import DeliveryOutcome, QueuedMessage
+
+log = logging.getLogger(__name__)
 
 LARGE_MESSAGE = 256 * 1024  # sign bigger messages in a thread so the event loop stays responsive
 
@@ -70,10 +74,16 @@ class DkimSign:
         if not domain or not self.signer.has_key(domain):
             return
         message = outgoing(item.raw, item.prepend)
-        if len(message) > LARGE_MESSAGE:
-            signature = await asyncio.to_thread(self.signer.sign, message, domain=domain)
-        else:
-            signature = self.signer.sign(message, domain=domain)
+        try:
+            if len(message) > LARGE_MESSAGE:
+                signature = await asyncio.to_thread(self.signer.sign, message, domain=domain)
+            else:
+                signature = self.signer.sign(message, domain=domain)
+        except UnsignableMessage as exc:
+            # A header section dkimpy cannot parse: the recipient's verifier could not either,
+            # so an unsigned message loses nothing, while a bounce would lose the mail.
+            log.warning("message %s relayed unsigned: %s", item.id, exc.reply)
+            return
         item.prepend = signature + item.prepend
 
 

@@ -238,6 +238,7 @@ class Worker:
             failures=failures,
             reporting_mta=self.hostname,
             arrival_date=datetime.fromtimestamp(item.created_at, UTC),
+            from_address=self.bounce_sender,
         )
         insert = self.store.inserting(
             NewMessage(source=Source.BOUNCE.value, mail_from="", rcpt_tos=[item.mail_from], raw=dsn)

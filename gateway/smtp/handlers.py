@@ -158,7 +158,9 @@ class SubmissionHandler:
                     server.transport.close()
                 return AuthResult(success=False, handled=True)
             return AuthResult(
-                success=False, message="535 5.7.8 Authentication failed: wrong user or password"
+                success=False,
+                handled=False,
+                message="535 5.7.8 Authentication failed: wrong user or password",
             )
         return AuthResult(success=True, auth_data=identity)
 

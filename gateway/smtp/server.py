@@ -13,10 +13,11 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
 import ssl
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP
 
@@ -52,8 +53,53 @@ def server_tls_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     return context
 
 
+# aiosmtpd's own replies, reworded with an RFC 3463 enhanced code and a sentence that helps.
+_REWORDED = {
+    "552 Error: Too much mail data": "552 5.3.4 Message too big for this server",
+    "552 Error: message size exceeds fixed maximum message size": "552 5.3.4 Message too big "
+    "for this server (see the SIZE in our EHLO reply)",
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long: at most 1000 "
+    "characters per line (RFC 5321 section 4.5.3.1.6)",
+    "503 Error: need MAIL command": "503 5.5.1 Send MAIL FROM first",
+    "503 Error: need RCPT command": "503 5.5.1 No valid recipients: send RCPT TO first",
+    "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
+    "503 Error: nested MAIL command": "503 5.5.1 MAIL FROM was already given: send RSET first",
+}
+# RFC 2034 §3: the enhanced code a reply gets when aiosmtpd gave none.
+_DEFAULT_ENHANCED = {
+    "221": "2.0.0",
+    "250": "2.0.0",
+    "252": "2.0.0",
+    "421": "4.3.0",
+    "451": "4.3.0",
+    "454": "4.7.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "550": "5.0.0",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.0.0",
+}
+_HAS_ENHANCED = re.compile(r"^\d{3} [245]\.\d{1,3}\.\d{1,3} ")
+
+
+def with_enhanced_code(reply: str) -> str:
+    """Every final reply carries an enhanced status code (RFC 2034), except where RFC 2034 §3
+    exempts it (the greeting, EHLO/HELO) and the 3xx prompts."""
+    reply = _REWORDED.get(reply, reply)
+    code = reply[:3]
+    if reply[3:4] != " " or reply == "250 HELP" or _HAS_ENHANCED.match(reply):
+        return reply
+    enhanced = _DEFAULT_ENHANCED.get(code)
+    return f"{code} {enhanced} {reply[4:]}" if enhanced else reply
+
+
 class MailgateSMTP(SMTP):
-    """aiosmtpd's SMTP with our two per-connection TLS facts."""
+    """aiosmtpd's SMTP with our two per-connection TLS facts and enhanced status codes."""
 
     def __init__(
         self, handler: Any, *, implicit_tls: bool, plaintext_auth_on_loopback: bool, **kw: Any
@@ -62,6 +108,11 @@ class MailgateSMTP(SMTP):
         self.implicit_tls = implicit_tls
         self.plaintext_auth_on_loopback = plaintext_auth_on_loopback
         self.auth_failures = 0
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str):
+            status = with_enhanced_code(status)
+        await super().push(status)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

@@ -120,7 +120,7 @@ def test_sigkill_under_load_loses_no_accepted_message(tmp_path: Path, ca: Any, s
     try:
 
         def arrived() -> set[str]:
-            return {str(m.message()["Subject"]) for m in sink.messages()}
+            return {str(m.message()["Subject"]) for m in sink.messages}
 
         deadline = time.monotonic() + 60
         while not before_restart <= arrived() and time.monotonic() < deadline:
