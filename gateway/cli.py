@@ -12,6 +12,7 @@ import asyncio
 import getpass
 import json
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -60,6 +61,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if os.environ.get("MAILGATE_DEBUG"):
+            raise
+        print(
+            f"mailgate: unexpected error ({type(exc).__name__}: {exc}); "
+            "run again with MAILGATE_DEBUG=1 to see where, and report it",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +196,7 @@ def _with_session(args: argparse.Namespace, fn: Callable[[Session], T]) -> T:
     engine = make_engine(settings_of(args).database.url)
     try:
         migrate(engine)
-        with Session(engine) as session:
+        with Session(engine, expire_on_commit=False) as session:
             result = fn(session)
             session.commit()
             return result
