@@ -6,7 +6,7 @@ Sections are owned separately; add new shared fixtures in a section of their own
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -26,9 +26,10 @@ from tests.servers.sink import MessageSink
 _T = TypeVar("_T")
 
 
-def _started(start: Callable[[], _T]) -> _T:
+def _available(make: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """Construct a server helper; a missing binary fails the test with the install hint."""
     try:
-        return start()
+        return make(*args, **kwargs)
     except ServerUnavailable as exc:
         pytest.fail(str(exc), pytrace=False)
 
@@ -44,9 +45,8 @@ def ca() -> Iterator[TestCA]:
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresCluster]:
     """A PostgreSQL cluster for the session (trust auth on 127.0.0.1)."""
-    cluster = _started(lambda: PostgresCluster().start())
-    yield cluster
-    cluster.cleanup()
+    with _available(PostgresCluster) as cluster:
+        yield cluster
 
 
 @pytest.fixture
@@ -60,9 +60,8 @@ def pg_url(postgres: PostgresCluster) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def dns_server() -> Iterator[AuthoritativeDns]:
     """NSD for the session. Publish zones under names unique to your test."""
-    server = _started(lambda: AuthoritativeDns().start())
-    yield server
-    server.cleanup()
+    with _available(AuthoritativeDns) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -71,9 +70,8 @@ def dovecot(ca: TestCA) -> Iterator[DovecotServer]:
 
     Create users with ``dovecot.new_user()`` so that tests never share a mailbox.
     """
-    server = _started(lambda: DovecotServer(tls=ca.server).start())
-    yield server
-    server.cleanup()
+    with _available(DovecotServer, tls=ca.server) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -83,15 +81,11 @@ def postfix(ca: TestCA) -> Iterator[PostfixRelay]:
     Relays for 127.0.0.0/8 without AUTH. The sink is shared: match messages by a recipient
     unique to your test (``postfix.sink.wait_for_rcpt(address)``).
     """
-    relay_sink = MessageSink(tls_context=ca.server_context()).start()
-    try:
-        relay = _started(lambda: PostfixRelay(relay_sink, tls=ca.server).start())
-    except BaseException:
-        relay_sink.stop()
-        raise
-    yield relay
-    relay.cleanup()
-    relay_sink.stop()
+    with (
+        MessageSink(tls_context=ca.server_context()) as relay_sink,
+        _available(PostfixRelay, relay_sink, tls=ca.server) as relay,
+    ):
+        yield relay
 
 
 @pytest.fixture(scope="session")
@@ -101,19 +95,17 @@ def postfix_auth(ca: TestCA, dovecot: DovecotServer) -> Iterator[PostfixRelay]:
     Credentials are the session Dovecot's users (``dovecot.new_user()``); STARTTLS on ``port``,
     implicit TLS on ``tls_port``; mail goes to ``postfix_auth.sink``.
     """
-    relay_sink = MessageSink().start()
-    try:
-        relay = _started(
-            lambda: PostfixRelay(
-                relay_sink, tls=ca.server, require_auth=True, sasl_socket=dovecot.auth_socket
-            ).start()
-        )
-    except BaseException:
-        relay_sink.stop()
-        raise
-    yield relay
-    relay.cleanup()
-    relay_sink.stop()
+    with (
+        MessageSink() as relay_sink,
+        _available(
+            PostfixRelay,
+            relay_sink,
+            tls=ca.server,
+            require_auth=True,
+            sasl_socket=dovecot.auth_socket,
+        ) as relay,
+    ):
+        yield relay
 
 
 @pytest.fixture

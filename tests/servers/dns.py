@@ -192,7 +192,11 @@ pattern:
             shutil.rmtree(self.directory, ignore_errors=True)
 
     def __enter__(self) -> AuthoritativeDns:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
@@ -235,6 +239,7 @@ pattern:
                     f"zone {name} does not load: "
                     f"{(check.stdout + check.stderr).decode(errors='replace')}"
                 )
+            old_servers = self._server_pids()
             if name in self._serials:
                 status, output = self._control("reload", name)
             else:
@@ -242,8 +247,10 @@ pattern:
             if status != 0:
                 raise ServerFailed(f"nsd-control for {name} failed: {output}\n{self.log_text()}")
             self._serials[name] = serial
+        # A reload forks new server processes while the old ones still answer from the same
+        # socket for a moment: wait for the new serial, then for the old servers to be gone.
         wait_until(
-            lambda: self.serial(name) == serial,
+            lambda: self.serial(name) == serial and not (old_servers & self._server_pids()),
             timeout=timeout,
             what=f"nsd to serve {name} serial {serial}",
             process=self._proc,
@@ -255,16 +262,41 @@ pattern:
         """Stop serving ``zone`` (queries for it are then REFUSED)."""
         name = zone.rstrip(".").lower()
         with self._lock:
+            old_servers = self._server_pids()
             status, output = self._control("delzone", name)
             if status != 0:
                 raise ServerFailed(f"nsd-control delzone {name} failed: {output}")
             self._serials.pop(name, None)
         wait_until(
-            lambda: self.serial(name) is None,
+            lambda: self.serial(name) is None and not (old_servers & self._server_pids()),
             timeout=10.0,
             what=f"nsd to drop {name}",
             process=self._proc,
         )
+
+    def _server_pids(self) -> set[int]:
+        """Live (non-zombie) processes of this NSD below its first two levels.
+
+        NSD's first process and its direct children (xfrd, the server parent) live as long as
+        it does; the ones below them are the query-answering servers that a reload replaces.
+        """
+        if self._proc is None:
+            return set()
+        group = self._proc.pid
+        parents: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            state, ppid, pgrp = fields[0], int(fields[1]), int(fields[2])
+            if pgrp == group and state != "Z":
+                parents[int(entry.name)] = ppid
+        stable = {group} | {pid for pid, ppid in parents.items() if ppid == group}
+        return set(parents) - stable
 
     def serial(self, zone: str) -> int | None:
         """The SOA serial the server answers for ``zone`` now, or None if it does not."""

@@ -254,7 +254,11 @@ service auth {{
             shutil.rmtree(self.directory, ignore_errors=True)
 
     def __enter__(self) -> DovecotServer:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()

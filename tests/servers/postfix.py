@@ -256,7 +256,11 @@ class PostfixRelay:
             shutil.rmtree(self.directory, ignore_errors=True)
 
     def __enter__(self) -> PostfixRelay:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()

@@ -147,6 +147,11 @@ class PostgresCluster:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Fast shutdown (SIGINT to the postmaster's PID); SIGKILL if it will not stop."""
+        pid_file = self.data_dir / "postmaster.pid"
+        if self.pid is None and pid_file.exists():
+            # A start that failed half-way (pg_ctl timed out) may have left a postmaster.
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                self.pid = int(pid_file.read_text().split()[0])
         if self.pid is not None:
             stop_pid(self.pid, timeout=timeout, sig=signal.SIGINT)
             self.pid = None
@@ -158,7 +163,11 @@ class PostgresCluster:
             shutil.rmtree(self.directory, ignore_errors=True)
 
     def __enter__(self) -> PostgresCluster:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()

@@ -10,6 +10,7 @@ once, for tests of what survives a crash. It can be started again after either.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,11 +129,20 @@ class UvicornServer:
             self._proc.wait(timeout=10)
         unregister_cleanup(self)
 
+    def cleanup(self) -> None:
+        """Stop, then delete the log directory."""
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
     def __enter__(self) -> UvicornServer:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.cleanup()
 
     def log_text(self) -> str:
         return read_text(self.log_file)
