@@ -21,8 +21,10 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -596,8 +598,12 @@ class GroupCommitter:
         writer: Callable[[], contextlib.AbstractAsyncContextManager[None]],
         store_fn: Callable[..., list[Outcome | Exception]] = store,
         gather_seconds: float = 0.005,
+        offload: bool = False,
     ) -> None:
         self.engine = engine
+        self.offload = offload
+        # One thread, so batches stay in order and PostgreSQL sees one writer connection.
+        self.executor = ThreadPoolExecutor(1, "crm-ingest") if offload else None
         self.writer = writer
         self.store_fn = store_fn
         self.gather_seconds = gather_seconds
@@ -643,9 +649,16 @@ class GroupCommitter:
                 batch, self.queue = self.queue[:_MAX_BATCH], self.queue[_MAX_BATCH:]
                 self.batches += 1
                 self.events += len(batch)
+                items = [w.item for w in batch]
                 async with self.writer():
                     try:
-                        results = self.store_fn(engine=self.engine, items=[w.item for w in batch])
+                        if self.executor is None:
+                            results = self.store_fn(engine=self.engine, items=items)
+                        else:
+                            results = await asyncio.get_running_loop().run_in_executor(
+                                self.executor,
+                                partial(self.store_fn, engine=self.engine, items=items),
+                            )
                     except Exception as exc:  # never leave a request hanging
                         results = [exc] * len(batch)
                 for waiting, result in zip(batch, results, strict=True):
@@ -668,3 +681,5 @@ class GroupCommitter:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)

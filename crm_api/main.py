@@ -91,7 +91,7 @@ class BodySizeLimit:
 
 def create_app(settings: Settings) -> FastAPI:
     db = Database(settings.database_url)
-    committer = GroupCommitter(db.engine, db.writer)
+    committer = GroupCommitter(db.engine, db.writer, offload=not db.sqlite)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
