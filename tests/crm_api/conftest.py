@@ -3,21 +3,14 @@ port, once per session and per backend (SQLite file, throwaway PostgreSQL databa
 users (an admin and two reps) whose tokens the tests use through httpx, and a helper that signs
 and posts gateway webhooks exactly as the gateway does.
 
-The PostgreSQL cluster comes from the shared ``postgres`` fixture in ``tests/conftest.py`` when
-it exists, else from a minimal local one started here; uvicorn is started here directly."""
+The PostgreSQL cluster is the shared session ``postgres`` fixture (``tests/conftest.py``), asked
+for only when a PostgreSQL test runs; uvicorn is ``tests/servers/uvicorn.py``'s UvicornServer."""
 
 from __future__ import annotations
 
 import base64
-import contextlib
-import glob
 import itertools
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,8 +26,7 @@ from crm_api import crud
 from crm_api.db import Database, migrate
 from crm_api.models import Role, UserCreate
 from crm_api.signatures import sign
-from tests.servers._process import stop_process, wait_until
-from tests.servers.ports import free_port
+from tests.servers.uvicorn import UvicornServer
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -48,112 +40,7 @@ def unique(prefix: str = "x") -> str:
     return f"{prefix}{next(_counter)}t{time.monotonic_ns() % 10**9}"
 
 
-# --- PostgreSQL (fallback until the shared fixture exists) -------------------------------------
-
-
-class LocalPostgres:
-    """A throwaway cluster in a temp dir, run as the ``postgres`` user, fsync off (tests only)."""
-
-    def __init__(self) -> None:
-        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-        bindir = Path(bins[-1]) if bins else Path(shutil.which("initdb") or "initdb").parent
-        self.dir = Path(tempfile.mkdtemp(prefix="mailgate-crm-pg-"))
-        self.port = free_port()
-        self._as_postgres = os.geteuid() == 0
-        if self._as_postgres:
-            shutil.chown(self.dir, "postgres", "postgres")
-        data = self.dir / "data"
-        self._ctl = [str(bindir / "pg_ctl"), "-D", str(data)]
-        self._run([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-N"])
-        opts = f"-k {self.dir} -c listen_addresses=127.0.0.1 -p {self.port} -c fsync=off"
-        self._run([*self._ctl, "-o", opts, "-l", str(self.dir / "log"), "-w", "start"])
-        self._n = itertools.count(1)
-
-    def _run(self, cmd: list[str]) -> None:
-        if self._as_postgres:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
-
-    def new_database(self) -> str:
-        import psycopg
-
-        name = f"crm_{os.getpid()}_{next(self._n)}"
-        with psycopg.connect(
-            host="127.0.0.1", port=self.port, user="postgres", dbname="postgres", autocommit=True
-        ) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
-
-    def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self._run([*self._ctl, "-m", "fast", "-w", "stop"])
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def crm_postgres(request: pytest.FixtureRequest) -> Iterator[Any]:
-    try:
-        shared = request.getfixturevalue("postgres")
-    except pytest.FixtureLookupError:
-        shared = None
-    if shared is not None:
-        yield shared
-        return
-    cluster = LocalPostgres()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
 # --- the CRM under uvicorn ----------------------------------------------------------------------
-
-
-class CRMServer:
-    """``uvicorn --factory crm_api.main:create_app_from_env`` in a subprocess, stopped by PID."""
-
-    def __init__(self, env: dict[str, str], workdir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = workdir / "uvicorn.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "crm_api.main:create_app_from_env",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--log-level",
-            "warning",
-        ]
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                cmd,
-                cwd=REPO,
-                env={**os.environ, **env},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_until(
-            self._healthy,
-            timeout=30,
-            what="CRM uvicorn",
-            process=self.proc,
-            log=lambda: self.log.read_text(errors="replace"),
-        )
-
-    def _healthy(self) -> bool:
-        try:
-            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def stop(self) -> None:
-        stop_process(self.proc)
 
 
 @dataclass
@@ -291,14 +178,16 @@ def _seed_users(database_url: str) -> tuple[dict[str, str], dict[str, str]]:
     return tokens, emails
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+@pytest.fixture(
+    scope="session", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 def crm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CRM]:
     backend: str = request.param
     workdir = tmp_path_factory.mktemp(f"crm-{backend}")
     if backend == "sqlite":
         database_url = f"sqlite:///{workdir / 'crm.db'}"
     else:
-        database_url = request.getfixturevalue("crm_postgres").new_database()
+        database_url = request.getfixturevalue("postgres").new_database("crm")
     config = workdir / "crm.toml"
     # The secrets and policy come from a config file, the database from the environment: both
     # paths of the settings loader are exercised by every test.
@@ -308,21 +197,23 @@ def crm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         'excluded_domains = ["gmail.com"]\n'
     )
     tokens, emails = _seed_users(database_url)
-    server = CRMServer(
+    server = UvicornServer(
+        "crm_api.main:create_app_from_env",
         {
             "MAILGATE_CRM_CONFIG": str(config),
             "MAILGATE_CRM_DATABASE_URL": database_url,
             "MAILGATE_CRM_MAX_BODY_BYTES": str(1024 * 1024),
         },
-        workdir,
-    )
+    ).start()
     crm = CRM(backend, server.url, database_url, tokens, emails)
     try:
         yield crm
     finally:
         for client in crm.clients.values():
             client.close()
-        server.stop()
+        server.cleanup()
+        if backend == "postgres":
+            request.getfixturevalue("postgres").drop_database(database_url)
 
 
 @pytest.fixture
