@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,7 +20,7 @@ from crm_api import crud, errors
 from crm_api.db import Database, migrate
 from crm_api.ingest import GroupCommitter
 from crm_api.routes import api_router, health
-from crm_api.settings import Settings, load_settings
+from crm_api.settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("crm_api")
 
@@ -123,7 +124,12 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def create_app_from_env() -> FastAPI:
-    """Settings from ``$MAILGATE_CRM_CONFIG`` (or conf/crm.toml) and ``MAILGATE_CRM_…``."""
-    settings = load_settings()
+    """Settings from ``$MAILGATE_CRM_CONFIG`` (or conf/crm.toml) and ``MAILGATE_CRM_…``; a
+    configuration mistake prints one line and exits instead of a traceback."""
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"mailgate crm: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     logging.basicConfig(level=settings.log_level.upper())
     return create_app(settings)

@@ -179,4 +179,6 @@ def load_settings(path: str | Path | None = None) -> Settings:
                 "(conf/crm.toml lists every option)"
             ) from None
         msg = str(err["msg"]).removeprefix("Value error, ")
-        raise ConfigError(f"{where}: option '{key}' is invalid: {msg}") from None
+        env_name = "MAILGATE_CRM_" + "__".join(str(p) for p in err["loc"][:2]).upper()
+        source = env_name if env_name in os.environ else where
+        raise ConfigError(f"{source}: option '{key}' is invalid: {msg}") from None
