@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -30,7 +31,7 @@ from tests.servers._process import (
     wait_until,
 )
 from tests.servers.certs import CertFiles
-from tests.servers.ports import free_port, port_open
+from tests.servers.ports import free_port
 
 SPECIAL_FOLDERS = {
     "Drafts": "\\Drafts",
@@ -220,12 +221,9 @@ service auth {{
             start_new_session=True,
         )
         register_cleanup(self)
-        ports = [self.port, self.lmtp_port] + (
-            [self.imaps_port] if self.imaps_port is not None else []
-        )
         try:
             wait_until(
-                lambda: all(port_open(self.host, p) for p in ports) and self.auth_socket.exists(),
+                self._ready,
                 timeout=timeout,
                 what=f"dovecot on {self.host}:{self.port}",
                 process=self._proc,
@@ -235,6 +233,17 @@ service auth {{
             self.stop()
             raise
         return self
+
+    def _ready(self) -> bool:
+        # A greeting (not just an open port) means the login process has its auth connection;
+        # a Dovecot stopped before that point takes seconds to shut down. The master binds every
+        # listener (imaps too) before it starts any process, so the imaps port is not probed:
+        # a connection dropped before its TLS handshake also slows the shutdown down.
+        return (
+            _greets(self.host, self.port, b"* OK")
+            and _greets(self.host, self.lmtp_port, b"220 ")
+            and self.auth_socket.exists()
+        )
 
     def stop(self, timeout: float = 3.0) -> None:
         """SIGTERM the master by its PID (it stops its children); SIGKILL its group if stuck.
@@ -342,3 +351,12 @@ service auth {{
 
     def log_text(self) -> str:
         return read_text(self.log_file) + read_text(self.directory / "stderr.log")
+
+
+def _greets(host: str, port: int, greeting: bytes) -> bool:
+    """True if a server on host:port answers a new connection with ``greeting``."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0) as conn:
+            return conn.recv(len(greeting)) == greeting
+    except OSError:
+        return False
