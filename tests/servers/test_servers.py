@@ -259,6 +259,27 @@ def test_dovecot_offers_starttls_and_follows_password_changes(
             client.login(user, "new secret")
 
 
+def test_dovecot_recreated_folder_gets_a_new_uidvalidity(
+    dovecot: DovecotServer, ca: TestCA
+) -> None:
+    user, password = dovecot.new_user("uidv")
+    dovecot.create_folder(user, "Projects")
+    dovecot.deliver(user, "Projects", b"Subject: one\r\n\r\nx\r\n")
+    assert dovecot.imaps_port is not None
+    with IMAPClient(
+        dovecot.host, dovecot.imaps_port, ssl=True, ssl_context=ca.client_context(), timeout=10
+    ) as client:
+        client.login(user, password)
+        before = client.select_folder("Projects")
+        assert before[b"EXISTS"] == 1
+        client.close_folder()
+        dovecot.delete_folder(user, "Projects")
+        dovecot.create_folder(user, "Projects")
+        after = client.select_folder("Projects")
+    assert after[b"EXISTS"] == 0
+    assert after[b"UIDVALIDITY"] != before[b"UIDVALIDITY"]
+
+
 def test_plaintext_dovecot_starts_and_stops_by_pid() -> None:
     with DovecotServer() as server:
         server.add_user("plain@example.test", "secret")
