@@ -12,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(python3 python3-venv python3-dev gcc ca-certificates
-          dovecot-imapd dovecot-lmtpd postfix nsd postgresql swaks isync)
+          dovecot-imapd dovecot-lmtpd postfix nsd postgresql swaks isync
+          libnet-ssleay-perl libio-socket-ssl-perl libauthen-sasl-perl)  # swaks needs these for TLS and AUTH
 # The system service each server package brings (stopped and disabled after installing it).
 declare -A SERVICE_OF=([postfix]=postfix [dovecot-imapd]=dovecot [nsd]=nsd [postgresql]=postgresql)
 

@@ -9,6 +9,7 @@ the DKIM signature) is stored separately in ``prepend`` so the original stays pr
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import JSON, Column, Index, LargeBinary, MetaData
 from sqlmodel import Field, SQLModel
@@ -67,6 +68,8 @@ class Message(GatewayTable, table=True):
     lease_owner: str | None = Field(default=None, max_length=64)
     lease_expires_at: float | None = None
     last_error: str | None = None
+    # What the door knew that the pipeline needs: IMAP account/folder/UID, capture verdicts...
+    meta: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
 
 class Delivery(GatewayTable, table=True):
@@ -116,4 +119,67 @@ class ApiToken(GatewayTable, table=True):
     user_id: int = Field(foreign_key="user.id", index=True)
     token_sha256: str = Field(unique=True, max_length=64)
     label: str = Field(default="", max_length=200)
+    created_at: float
+
+
+class Seen(GatewayTable, table=True):
+    """One row per email and account it was logged for: promise 4's memory.
+
+    ``key`` is the normalised Message-ID (or a content hash); a second sighting for the same
+    account is not sent again, one for another account becomes an account link in the CRM.
+    """
+
+    __tablename__ = "seen"
+
+    key: str = Field(primary_key=True, max_length=1000)
+    account_id: str = Field(primary_key=True, max_length=200)
+    message_id: str = Field(max_length=32)
+    created_at: float
+
+
+class Subscriber(GatewayTable, table=True):
+    """A webhook receiver: URL, its secrets, and which events it wants."""
+
+    __tablename__ = "subscriber"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, max_length=200)
+    url: str = Field(max_length=2000)
+    secrets: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    event_types: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # Loopback/private targets are refused unless the admin allows them for this subscriber.
+    allow_private: bool = False
+    enabled: bool = True
+    disabled_reason: str | None = None
+    created_at: float
+
+
+class OutboxEvent(GatewayTable, table=True):
+    """An event, written in the same transaction as the step that produced it."""
+
+    __tablename__ = "outbox"
+
+    id: str = Field(primary_key=True, max_length=64)  # the webhook-id, stable across retries
+    event_type: str = Field(max_length=64, index=True)
+    payload: str  # the JSON body, exactly as it is signed and sent
+    created_at: float
+
+
+class WebhookDelivery(GatewayTable, table=True):
+    """One event to one subscriber: attempts, the next try, and the last answer."""
+
+    __tablename__ = "webhook_delivery"
+    __table_args__ = (Index("ix_webhook_due", "state", "next_attempt_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    event_id: str = Field(foreign_key="outbox.id", index=True, max_length=64)
+    subscriber_id: int = Field(foreign_key="subscriber.id", index=True)
+    state: str = Field(default="pending", max_length=16)  # pending | delivered | dead
+    attempts: int = 0
+    next_attempt_at: float
+    lease_owner: str | None = Field(default=None, max_length=64)
+    lease_expires_at: float | None = None
+    last_status: int | None = None
+    last_error: str | None = None
+    delivered_at: float | None = None
     created_at: float

@@ -139,6 +139,7 @@ class NewMessage:
     username: str | None = None
     client_address: str | None = None
     header_message_id: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
     id: str = field(default_factory=new_message_id)
 
 
@@ -167,10 +168,13 @@ class QueuedMessage:
     steps_done: list[str]
     attempts: int
     created_at: float
+    client_address: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
     # Filled by steps as they run; written back with the outcome.
     pending_recipients: list[str] = field(default_factory=list)
     outcomes: list[DeliveryOutcome] = field(default_factory=list)
     failures: list[Any] = field(default_factory=list)  # relay results that failed for good
+    sighting: Any = None  # gateway.sighting.Sighting, set by the steps before match-contacts
     facts: dict[str, Any] = field(default_factory=dict)
 
 
@@ -215,6 +219,7 @@ class Store:
             "username": message.username,
             "client_address": message.client_address,
             "header_message_id": message.header_message_id,
+            "meta": message.meta,
             "steps_done": [],
             "attempts": 0,
             "created_at": now,
@@ -258,8 +263,8 @@ class Store:
             f"WHERE id IN (SELECT id FROM message WHERE {where} "
             f"ORDER BY next_attempt_at LIMIT {int(limit)}{skip_locked}) AND {free} "
             "RETURNING id, source, mail_from, rcpt_tos, raw, prepend, username, "
-            "header_message_id, steps_done, attempts, created_at"
-        ).columns(rcpt_tos=JSON, steps_done=JSON)
+            "header_message_id, steps_done, attempts, created_at, client_address, meta"
+        ).columns(rcpt_tos=JSON, steps_done=JSON, meta=JSON)
         if ids:
             statement = statement.bindparams(bindparam("ids", expanding=True))
 
@@ -289,6 +294,8 @@ class Store:
                     steps_done=list(r.steps_done),
                     attempts=r.attempts,
                     created_at=r.created_at,
+                    client_address=r.client_address,
+                    meta=dict(r.meta or {}),
                     pending_recipients=by_message.get(r.id, []),
                 )
                 for r in rows
@@ -325,6 +332,7 @@ class Store:
             "steps_done": item.steps_done,
             "prepend": item.prepend,
             "header_message_id": item.header_message_id,
+            "meta": item.meta,
             "updated_at": now,
         }
         if state is not None:

@@ -1,0 +1,1 @@
+"""IMAP sync: connect reps' and shared mailboxes and log the mail that involves contacts."""
