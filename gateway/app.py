@@ -18,7 +18,8 @@ from typing import Any
 
 import uvicorn
 
-from gateway.api.app import ApiContext, create_api
+from gateway.api.app import create_api
+from gateway.api.deps import ApiContext
 from gateway.dkim import DkimSigner
 from gateway.dns import make_resolver
 from gateway.errors import ConfigError

@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("id")
         sub.set_defaults(func=func)
 
+    from gateway.capture.cli import add_commands as add_capture_commands
+    from gateway.imap.cli import add_commands as add_imap_commands
+
+    add_capture_commands(commands)
+    add_imap_commands(commands)
     try:
         from crm_api.cli import add_commands
     except ImportError:  # the CRM is optional for a gateway-only install

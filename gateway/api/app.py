@@ -8,72 +8,29 @@ import time, so tests can build as many apps as they like. Every error is JSON w
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import Engine, text
-from sqlmodel import Session
+from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.api.deps import Admin, ApiContext, Context
 from gateway.errors import StoreError
-from gateway.metrics import Metrics
 from gateway.store.models import MessageState
-from gateway.store.queue import Store
-from gateway.users import user_for_token
 
 
-@dataclass(frozen=True, slots=True)
-class ApiContext:
-    store: Store
-    engine: Engine
-    metrics: Metrics
-    wake: Callable[[str], None]
-
-
-_bearer = HTTPBearer(auto_error=False, description="an admin token from `mailgate token create`")
-
-
-def _context(request: Request) -> ApiContext:
-    context: ApiContext = request.app.state.context
-    return context
-
-
-Context = Annotated[ApiContext, Depends(_context)]
-
-
-async def _admin(
-    context: Context,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> str:
-    if credentials is None:
-        raise HTTPException(401, "an admin token is required: Authorization: Bearer <token>")
-
-    def lookup() -> str | None:
-        with Session(context.engine) as session:
-            user = user_for_token(session, credentials.credentials)
-            return user.email if user is not None and user.is_admin else None
-
-    email = await asyncio.to_thread(lookup)
-    if email is None:
-        raise HTTPException(401, "this token is not valid (revoked, or its user is disabled)")
-    return email
-
-
-Admin = Annotated[str, Depends(_admin)]
-
-
-def create_api(context: ApiContext) -> FastAPI:
+def create_api(context: ApiContext, routers: Sequence[APIRouter] = ()) -> FastAPI:
+    """The app; feature packages (capture, IMAP) add their routes as ``routers``."""
     app = FastAPI(title="Mailgate admin API", version="1")
     app.state.context = context
     _install_error_handlers(app)
+    for router in routers:
+        app.include_router(router)
 
     @app.get("/healthz")
     async def healthz(context: Context) -> dict[str, Any]:

@@ -1,0 +1,64 @@
+"""Dependencies of the admin API's routes, aliased so routes read as prose.
+
+``Context`` is what the composition root handed the app (store, engine, metrics, services);
+``Admin`` is the e-mail of the admin whose bearer token came with the request (401 otherwise).
+Feature packages import these for their own routers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from gateway.metrics import Metrics
+from gateway.store.queue import Store
+from gateway.users import user_for_token
+
+
+@dataclass(frozen=True, slots=True)
+class ApiContext:
+    store: Store
+    engine: Engine
+    metrics: Metrics
+    wake: Callable[[str], None]
+    # Services of feature packages, by name (e.g. "imap"), for their routers.
+    services: dict[str, Any] = field(default_factory=dict)
+
+
+_bearer = HTTPBearer(auto_error=False, description="an admin token from `mailgate token create`")
+
+
+def _context(request: Request) -> ApiContext:
+    context: ApiContext = request.app.state.context
+    return context
+
+
+Context = Annotated[ApiContext, Depends(_context)]
+
+
+async def _admin(
+    context: Context,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    if credentials is None:
+        raise HTTPException(401, "an admin token is required: Authorization: Bearer <token>")
+
+    def lookup() -> str | None:
+        with Session(context.engine) as session:
+            user = user_for_token(session, credentials.credentials)
+            return user.email if user is not None and user.is_admin else None
+
+    email = await asyncio.to_thread(lookup)
+    if email is None:
+        raise HTTPException(401, "this token is not valid (revoked, or its user is disabled)")
+    return email
+
+
+Admin = Annotated[str, Depends(_admin)]
