@@ -21,6 +21,8 @@ from crm_api.settings import Settings
 from crm_api.visibility import Viewer
 
 _MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# POST only to carry a body; it stores nothing, and must not queue behind webhook batches.
+_READ_ONLY_POSTS = frozenset({"/api/v1/contacts/match"})
 _bearer = HTTPBearer(auto_error=False, description="an API token from `mailgate crm token create`")
 
 
@@ -39,7 +41,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 async def get_session(request: Request, db: DbDep) -> AsyncIterator[Session]:
-    if request.method in _MUTATING:
+    if request.method in _MUTATING and request.url.path not in _READ_ONLY_POSTS:
         async with db.writer():
             session = Session(db.engine, expire_on_commit=False)
             try:

@@ -13,8 +13,9 @@ from crm_api.main import create_app
 from crm_api.settings import load_settings
 
 
-def embedded_app(url: str) -> tuple[FastAPI, str, int]:
-    """``(ASGI app, host, port)`` for the gateway to serve beside its own doors."""
-    settings = load_settings()
+def embedded_app(url: str, config: str | None = None) -> tuple[FastAPI, str, int]:
+    """``(ASGI app, host, port)`` for the gateway to serve beside its own doors; ``config`` is
+    the CRM's own config file (None: ``$MAILGATE_CRM_CONFIG`` or conf/crm.toml)."""
+    settings = load_settings(config)
     parsed = urlsplit(url)
     return create_app(settings), parsed.hostname or settings.host, parsed.port or settings.port

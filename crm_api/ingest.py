@@ -59,6 +59,18 @@ ACCOUNT, SELECTION, ADDRESS = _T["mail_account"], _T["account_selection"], _T["c
 CONTACT, USER, ORG = _T["contact"], _T["user"], _T["org_settings"]
 
 
+def _bulk_insert(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+    """Insert many rows. On PostgreSQL a RETURNING clause makes SQLAlchemy send them as one
+    multi-row INSERT ("insertmanyvalues") instead of one INSERT per row; SQLite's C-level
+    executemany is already the fast path there."""
+    if not rows:
+        return
+    statement = sa.insert(table)
+    if conn.dialect.name == "postgresql":
+        statement = statement.returning(*table.primary_key.columns)
+    conn.execute(statement, rows)
+
+
 def _in(column: sa.ColumnElement[Any], name: str) -> sa.ColumnElement[bool]:
     return column.in_(sa.bindparam(name, expanding=True))
 
@@ -342,15 +354,13 @@ class _Batch:
             for p, new_id in zip(pending, conn.execute(INSERT_EMAILS, rows).scalars(), strict=True):
                 p.email_id = new_id
             refs = [{"email_id": p.email_id, "ref_message_id": r} for p in pending for r in p.refs]
-            if refs:
-                conn.execute(sa.insert(REF), refs)
+            _bulk_insert(conn, REF, refs)
             parts = [
                 {"email_id": p.email_id, "role": r, "name": n, "address": a, "contact_id": c}
                 for p in pending
                 for r, n, a, c in p.parties
             ]
-            if parts:
-                conn.execute(sa.insert(PART), parts)
+            _bulk_insert(conn, PART, parts)
             files = [
                 {
                     "email_id": p.email_id,
@@ -363,8 +373,7 @@ class _Batch:
                 if p.item.event.email is not None
                 for a in p.item.event.email.attachments
             ]
-            if files:
-                conn.execute(sa.insert(ATTACH), files)
+            _bulk_insert(conn, ATTACH, files)
         if newest:
             conn.execute(TOUCH_THREAD, [{"tid": t, "newest": d} for t, d in newest.items()])
 
@@ -381,10 +390,9 @@ class _Batch:
             {"email_id": e, "account_id": a, "status": "active", "logged_at": now}
             for e, a in sorted(wanted - existing)
         ]
-        if new_links:
-            conn.execute(sa.insert(LINK), new_links)
-        conn.execute(
-            sa.insert(EVENT), [self._event_row(item, email_id(t), None) for item, t in event_rows]
+        _bulk_insert(conn, LINK, new_links)
+        _bulk_insert(
+            conn, EVENT, [self._event_row(item, email_id(t), None) for item, t in event_rows]
         )
 
     @staticmethod

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from crm_api import crud, errors
 from crm_api.db import Database, migrate
 from crm_api.ingest import GroupCommitter
-from crm_api.routes import api_router, health
+from crm_api.routes import api_router, health, webhooks
 from crm_api.settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("crm_api")
@@ -118,6 +118,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.ingest = committer
     errors.install(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.include_router(webhooks.router, prefix="/api/v1")  # first: the hot path matches at once
     app.include_router(health.router)
     app.include_router(api_router)
     return app

@@ -10,7 +10,8 @@ admin's rule (``excluded_mail``) is ``owner_only``. Admins see all mail: they ad
 and can read the database anyway, so hiding it from them would only pretend. Bcc recipients are
 shown only to the mail's owners and admins. Sharing is read from the account's latest state, so a
 change of sharing level applies to mail already logged. A hidden email answers 404, like a
-missing one, so ids reveal nothing."""
+missing one, so ids reveal nothing. Contacts themselves are shared records every user can read;
+sharing governs the mail."""
 
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ def create_contact(
 
 @router.post("/match", response_model=MatchResponse)
 def match_contacts(session: SessionDep, _user: CurrentUser, request: MatchRequest) -> MatchResponse:
-    # POST only to carry a body; it stores nothing (the writer lock is brief and harmless).
+    # POST only to carry a body; it stores nothing (so it takes no writer lock: see deps).
     return crud.match(session=session, request=request, org=crud.get_org(session=session))
 
 
