@@ -21,6 +21,7 @@ import asyncio
 import base64
 import contextlib
 import glob
+import itertools
 import json
 import os
 import shutil
@@ -387,6 +388,63 @@ async def load(
     return result
 
 
+def _child(
+    conn: Any,
+    url: str,
+    contacts: list[str],
+    tag: str,
+    key: bytes,
+    n: int,
+    seconds: float,
+    client: str,
+) -> None:
+    result = asyncio.run(load(url, Events(contacts, tag), key, n, seconds, client))
+    conn.send(result)
+    conn.close()
+
+
+def load_spread(
+    url: str,
+    contacts: list[str],
+    tag: str,
+    key: bytes,
+    concurrency: int,
+    seconds: float,
+    client: str,
+    procs: int,
+) -> Result:
+    """The load from ``procs`` client processes (several httpx clients rather than one process
+    with 50 coroutines), merged into one result; each process has its own conversations."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    pipes, children = [], []
+    for i, n in enumerate(shares):
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(
+            target=_child, args=(child, url, contacts, f"{tag}-p{i}", key, n, seconds, client)
+        )
+        proc.start()
+        pipes.append(parent)
+        children.append(proc)
+    results = []
+    for pipe, proc in zip(pipes, children, strict=True):
+        if pipe.poll(seconds + 60):
+            results.append(pipe.recv())
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+    return Result(
+        sent=sum(r.sent for r in results),
+        ok=sum(r.ok for r in results),
+        errors=sum(r.errors for r in results) + sum(shares[len(results) :]),
+        seconds=max((r.seconds for r in results), default=seconds),
+        latencies=[x for r in results for x in r.latencies],
+        client_cpu=sum(r.client_cpu for r in results),
+    )
+
+
 def count_rows(database_url: str, table: str) -> int:
     import sqlalchemy as sa
 
@@ -411,6 +469,13 @@ def main() -> int:
         choices=["httpx", "raw"],
         default=["httpx", "raw"],
         help="load generators; the target is judged with httpx, the gateway's own client",
+    )
+    parser.add_argument(
+        "--client-procs",
+        type=int,
+        default=5,
+        help="spread the httpx clients over this many processes (one process of 50 coroutines "
+        "is itself the bottleneck)",
     )
     args = parser.parse_args()
     key = base64.b64decode(SECRET.removeprefix("whsec_"))
@@ -466,11 +531,13 @@ def main() -> int:
             },
             "event_bytes": len(Events(contacts, "size").next()[1]),
             "seconds_per_round": args.seconds,
+            "httpx_client_processes": args.client_procs,
             "rounds": args.rounds,
             "results": {},
         }
         verdicts = []
         streams = {name: Events(contacts, name) for name, _, _ in targets}
+        counter = itertools.count()
         for client in args.clients:
             report["results"][client] = {}
             for concurrency in args.concurrency:
@@ -481,9 +548,15 @@ def main() -> int:
                 for _ in range(args.rounds):
                     for name, url, count in targets:
                         before = count()
-                        result = asyncio.run(
-                            load(url, streams[name], key, concurrency, args.seconds, client)
-                        )
+                        if client == "httpx" and args.client_procs > 1:
+                            result = load_spread(
+                                url, contacts, f"{name}-{next(counter)}", key, concurrency,
+                                args.seconds, client, args.client_procs,
+                            )  # fmt: skip
+                        else:
+                            result = asyncio.run(
+                                load(url, streams[name], key, concurrency, args.seconds, client)
+                            )
                         rounds[name].append((result, count() - before))
                 row = {name: summarise(rounds[name]) for name in rounds}
                 bare_rate = row["bare_fastapi_sqlite"]["stored_per_s"]
