@@ -16,7 +16,9 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import uvicorn
+from sqlmodel import Session
 
 from gateway.api.app import create_api
 from gateway.api.deps import ApiContext
@@ -24,16 +26,22 @@ from gateway.dkim import DkimSigner
 from gateway.dns import make_resolver
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
-from gateway.pipeline import build_pipelines
+from gateway.pipeline import Step, build_pipelines
 from gateway.relay import Relay
 from gateway.settings import Settings
 from gateway.smtp.handlers import SubmissionHandler
 from gateway.smtp.server import SmtpListener, check_aiosmtpd_version, server_tls_context
-from gateway.steps import DkimSign, Normalise, RelayUpstream
+from gateway.steps import DkimSign, IdentifyAccount, IdentifySender, Normalise, RelayUpstream
 from gateway.store.db import make_engine, migrate
 from gateway.store.queue import GroupCommitter, Store
-from gateway.users import Authenticator
+from gateway.users import Authenticator, UserError, get_user, identity_of
 from gateway.worker import Worker
+from hooks.api import router as webhook_routes
+from hooks.crm_client import CrmClient
+from hooks.emit import EmitLogged
+from hooks.match import MatchContacts
+from hooks.subscribers import ensure_crm_subscriber
+from hooks.webhooks import Dispatcher, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +85,16 @@ class Mailgate:
             resolver=make_resolver(settings.dns),
         )
         signer = DkimSigner.from_settings(settings.dkim) if settings.dkim.enabled else None
+        hooks = await self._start_hooks()
         pipelines = build_pipelines(
             normalise=Normalise(hostname=settings.server.hostname),
             sign=DkimSign(signer),
             relay=RelayUpstream(self.relay),
+            identify_sender=IdentifySender(
+                sharing=settings.hooks.submission_sharing, addresses_of=self._addresses_of
+            ),
+            identify_account=IdentifyAccount(),
+            hooks=hooks,
         )
         self.worker = Worker(
             store=self.store,
@@ -99,7 +113,10 @@ class Mailgate:
                     engine=self.engine,
                     metrics=self.metrics,
                     wake=self.worker.wake,
-                )
+                    link_secret=settings.hooks.link_secret,
+                    services={"dispatcher": self.dispatcher},
+                ),
+                routers=[webhook_routes()],
             )
             await self._serve_http(api, settings.api.listen, settings.api.port)
         for app, host, port in self.extra_apps:
@@ -128,6 +145,57 @@ class Mailgate:
             await self.listener.start()
         self.worker.wake()  # anything left from before a restart starts now
 
+    async def _start_hooks(self) -> tuple[Step, ...]:
+        """Contact matching and webhooks; returns the pipeline's (match, emit) steps."""
+        hooks = self.settings.hooks
+        # Webhooks never follow redirects and ignore proxy variables: the target is checked.
+        self.webhook_client = httpx.AsyncClient(
+            follow_redirects=False,
+            trust_env=False,
+            limits=httpx.Limits(max_connections=hooks.dispatch_concurrency),
+        )
+        self.crm_http = httpx.AsyncClient(timeout=hooks.request_timeout_seconds, trust_env=False)
+        self.crm = CrmClient(
+            self.crm_http,
+            base_url=self.settings.crm.url,
+            token=hooks.crm_token,
+            cache_seconds=hooks.match_cache_seconds,
+            batch_size=hooks.match_batch_size,
+        )
+        self.outbox = Outbox()
+        self.dispatcher = Dispatcher(
+            committer=self.committer,
+            client=self.webhook_client,
+            schedule=hooks.retry_schedule_seconds,
+            concurrency=hooks.dispatch_concurrency,
+            timeout=hooks.request_timeout_seconds,
+            max_response_bytes=hooks.max_response_bytes,
+            poll_seconds=self.settings.worker.poll_interval_seconds,
+        )
+        if not hooks.enabled:
+            return ()
+        await ensure_crm_subscriber(self.committer, self.settings)
+        await self.dispatcher.start()
+        emit = EmitLogged(
+            committer=self.committer,
+            outbox=self.outbox,
+            settings=hooks,
+            on_emitted=self.dispatcher.wake,
+        )
+        return (MatchContacts(self.crm), emit)
+
+    async def _addresses_of(self, login: str) -> frozenset[str]:
+        def read() -> frozenset[str]:
+            with Session(self.engine) as session:
+                try:
+                    user = get_user(session, login)
+                except UserError:
+                    return frozenset({login})
+                identity = identity_of(session, user)
+                return identity.addresses | {login}
+
+        return await asyncio.to_thread(read)
+
     async def _serve_http(self, app: Any, host: str, port: int) -> None:
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
         server = _EmbeddedUvicorn(config)
@@ -153,6 +221,9 @@ class Mailgate:
         if self._http_tasks:
             await asyncio.wait(self._http_tasks, timeout=10)
         await self.worker.stop()
+        await self.dispatcher.stop()
+        await self.webhook_client.aclose()
+        await self.crm_http.aclose()
         await self.relay.aclose()
         await self.committer.stop()
         self.engine.dispose()

@@ -18,6 +18,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import OperationalError
@@ -43,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per webhook is noise
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command
     logging.basicConfig(
         level=logging.INFO if args.command == "serve" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -165,6 +168,43 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("id")
         sub.set_defaults(func=func)
 
+    webhooks = commands.add_parser("webhooks", help="events sent to the CRM and other subscribers")
+    webhook_commands = webhooks.add_subparsers(dest="webhooks_command", required=True)
+    events = webhook_commands.add_parser("list", help="events, newest first")
+    events.add_argument("--state", choices=["pending", "delivered", "dead"])
+    events.add_argument("--limit", type=int, default=50)
+    events.set_defaults(func=cmd_webhooks_list)
+    for name, func, text in (
+        ("show", cmd_webhooks_show, "one event: payload and each delivery"),
+        ("replay", cmd_webhooks_replay, "send a delivered or dead-lettered event again"),
+    ):
+        sub = webhook_commands.add_parser(name, help=text)
+        sub.add_argument("id")
+        sub.set_defaults(func=func)
+    webhook_commands.add_parser("schema", help="the JSON Schema of every event").set_defaults(
+        func=cmd_webhooks_schema
+    )
+
+    subscriber = commands.add_parser("subscriber", help="who receives webhooks")
+    subscriber_commands = subscriber.add_subparsers(dest="subscriber_command", required=True)
+    sub_add = subscriber_commands.add_parser("add", help="add a webhook receiver")
+    sub_add.add_argument("name")
+    sub_add.add_argument("url")
+    sub_add.add_argument("--secret", default="", help="whsec_… (default: a new one, printed)")
+    sub_add.add_argument("--event", action="append", default=[], help="event type (repeatable)")
+    sub_add.add_argument(
+        "--allow-private",
+        action="store_true",
+        help="allow a loopback/private address (an internal service)",
+    )
+    sub_add.set_defaults(func=cmd_subscriber_add)
+    subscriber_commands.add_parser("list", help="list subscribers").set_defaults(
+        func=cmd_subscriber_list
+    )
+    sub_remove = subscriber_commands.add_parser("remove", help="remove a subscriber")
+    sub_remove.add_argument("name")
+    sub_remove.set_defaults(func=cmd_subscriber_remove)
+
     from gateway.capture.cli import add_commands as add_capture_commands
     from gateway.imap.cli import add_commands as add_imap_commands
 
@@ -231,18 +271,24 @@ def _with_store(args: argparse.Namespace, fn: Callable[[Store], Awaitable[T]]) -
 
 def cmd_init(args: argparse.Namespace) -> int:
     path = config_path(args.config)
+    defaults = Settings()
+    hostname = args.hostname or defaults.server.hostname
+    admin = args.admin or f"admin@{hostname}"
     if path.exists():
         print(f"kept the existing config {path}")
     else:
-        defaults = Settings()
-        hostname = args.hostname or defaults.server.hostname
+        path.parent.mkdir(parents=True, exist_ok=True)
+        hooks = _init_crm(path, defaults, admin)
         text = render_toml(
             defaults.model_copy(
-                update={"server": defaults.server.model_copy(update={"hostname": hostname})}
+                update={
+                    "server": defaults.server.model_copy(update={"hostname": hostname}),
+                    "hooks": hooks,
+                }
             )
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
+        path.chmod(0o600)  # it holds the webhook secret and the CRM token
         print(f"wrote {path} (every option is listed there with its default)")
     settings = load_settings(path)
     engine = make_engine(settings.database.url)
@@ -254,7 +300,6 @@ def cmd_init(args: argparse.Namespace) -> int:
 
         write_self_signed(sub.cert_file, sub.key_file, hostname=settings.server.hostname)
         print(f"wrote a self-signed TLS certificate {sub.cert_file} (replace it with a real one)")
-    admin = args.admin or f"admin@{settings.server.hostname}"
     with Session(engine) as session:
         existing = [u for u, _ in users.list_users(session) if u.is_admin]
         if existing:
@@ -274,9 +319,43 @@ def cmd_init(args: argparse.Namespace) -> int:
         f"  set [relay] host/port in {path} to your upstream SMTP server\n"
         "  mailgate serve\n"
         f"Mail clients: SMTP {sub.listen}:{sub.port} (STARTTLS) or :{sub.tls_port} (TLS), "
-        "with AUTH."
+        f"with AUTH. The bundled CRM: {settings.crm.url}/docs"
     )
     return 0
+
+
+def _init_crm(path: Path, defaults: Settings, admin: str) -> Any:
+    """Secrets for webhooks and links; the bundled CRM's config, schema, admin and token."""
+    from hooks.webhooks import new_secret
+
+    secret = new_secret()
+    token = ""
+    try:
+        from crm_api.bootstrap import bootstrap
+        from crm_api.settings import load_settings as load_crm_settings
+    except ImportError:
+        print("the bundled CRM is not installed; set [crm] url and hooks.crm_token by hand")
+    else:
+        crm_path = path.parent / defaults.crm.config
+        if not crm_path.exists():
+            crm_path.write_text(
+                "# The bundled CRM's settings; conf/crm.toml documents every option.\n"
+                "[webhooks]\n# Shared with the gateway (hooks.webhook_secrets in mailgate.toml).\n"
+                f'secrets = ["{secret}"]\n',
+                encoding="utf-8",
+            )
+            crm_path.chmod(0o600)
+            print(f"wrote {crm_path} (the bundled CRM's config)")
+        email, new_token = bootstrap(load_crm_settings(crm_path), admin_email=admin)
+        token = new_token or ""
+        print(f"CRM ready: admin {email}" + ("" if new_token else " (existed; token unchanged)"))
+    return defaults.hooks.model_copy(
+        update={
+            "webhook_secrets": [secret],
+            "crm_token": token,
+            "link_secret": secrets.token_hex(32),
+        }
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -311,7 +390,8 @@ def _add_embedded_crm(app: Any, settings: Settings, args: argparse.Namespace) ->
     except ImportError:
         logging.getLogger(__name__).warning("crm.embedded is on but crm_api is not installed")
         return
-    app.extra_apps.append(embedded_app(settings.crm.url))
+    config = config_path(args.config).parent / settings.crm.config  # beside mailgate.toml
+    app.extra_apps.append(embedded_app(settings.crm.url, str(config) if config.exists() else None))
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -444,4 +524,84 @@ def cmd_queue_delete(args: argparse.Namespace) -> int:
     if not _with_store(args, lambda s: s.delete(args.id)):
         raise CliError(f"no message {args.id}; `mailgate queue list` shows the ids")
     print(f"{args.id} deleted")
+    return 0
+
+
+def cmd_webhooks_list(args: argparse.Namespace) -> int:
+    from hooks.admin import list_events
+
+    rows = _with_store(args, lambda s: list_events(s.committer, state=args.state, limit=args.limit))
+    for row in rows:
+        when = datetime.fromtimestamp(row["created_at"], UTC).strftime("%Y-%m-%d %H:%M:%S")
+        states = " ".join(f"{k}={v}" for k, v in sorted(row["deliveries"].items()))
+        print(f"{row['id']}  {when}  {row['event_type']:24} {states or 'no subscribers'}")
+    if not rows:
+        print("no events" + (f" with {args.state} deliveries" if args.state else ""))
+    return 0
+
+
+def cmd_webhooks_show(args: argparse.Namespace) -> int:
+    from hooks.admin import show_event
+
+    event = _with_store(args, lambda s: show_event(s.committer, args.id))
+    if event is None:
+        raise CliError(f"no webhook event {args.id}; `mailgate webhooks list` shows the ids")
+    print(json.dumps(event, indent=2, default=str))
+    return 0
+
+
+def cmd_webhooks_replay(args: argparse.Namespace) -> int:
+    from hooks.webhooks import replay
+
+    if not _with_store(args, lambda s: replay(s.committer, args.id)):
+        raise CliError(f"no delivered or dead-lettered event {args.id} to replay")
+    print(f"{args.id} queued again; the running gateway sends it within a second")
+    return 0
+
+
+def cmd_webhooks_schema(args: argparse.Namespace) -> int:
+    from hooks.events import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_subscriber_add(args: argparse.Namespace) -> int:
+    from hooks.subscribers import add_subscriber
+    from hooks.webhooks import new_secret
+
+    secret = args.secret or new_secret()
+    _with_store(
+        args,
+        lambda s: add_subscriber(
+            s.committer,
+            name=args.name,
+            url=args.url,
+            secret=secret,
+            event_types=args.event,
+            allow_private=args.allow_private,
+        ),
+    )
+    print(f"added subscriber {args.name} -> {args.url}")
+    if not args.secret:
+        print(f"its signing secret (give it to the receiver): {secret}")
+    return 0
+
+
+def cmd_subscriber_list(args: argparse.Namespace) -> int:
+    from hooks.subscribers import list_subscribers
+
+    for row in _with_store(args, lambda s: list_subscribers(s.committer)):
+        state = "enabled" if row["enabled"] else f"disabled ({row['disabled_reason']})"
+        types = ",".join(row["event_types"]) or "all events"
+        print(f"{row['name']:16} {row['url']}  {types}  {state}")
+    return 0
+
+
+def cmd_subscriber_remove(args: argparse.Namespace) -> int:
+    from hooks.subscribers import remove_subscriber
+
+    if not _with_store(args, lambda s: remove_subscriber(s.committer, args.name)):
+        raise CliError(f"no subscriber {args.name}; `mailgate subscriber list` shows them")
+    print(f"removed {args.name}")
     return 0

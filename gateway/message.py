@@ -8,6 +8,8 @@ client sent. Only the header block is parsed (a 25 MB attachment is never decode
 from __future__ import annotations
 
 import contextlib
+import email
+import email.policy
 import hashlib
 import re
 from datetime import UTC, datetime
@@ -123,3 +125,26 @@ def format_address(address: str) -> str:
         return str(Address(addr_spec=address))
     except (ValueError, IndexError):
         return repr(address)
+
+
+def attachment_of(raw: bytes, index: int) -> tuple[str, str, bytes] | None:
+    """Attachment ``index`` (0-based; parts with a filename or ``attachment`` disposition, in
+    MIME order, the same numbering as the event's attachment list): name, type, bytes."""
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    found = -1
+    for part in message.walk():
+        if part.is_multipart():
+            continue
+        disposition = (part.get_content_disposition() or "").lower()
+        filename = part.get_filename()
+        if not filename and disposition != "attachment":
+            continue
+        found += 1
+        if found == index:
+            data = part.get_payload(decode=True)
+            return (
+                filename or f"attachment-{index}",
+                part.get_content_type(),
+                data if isinstance(data, bytes) else b"",
+            )
+    return None

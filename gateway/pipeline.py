@@ -27,11 +27,28 @@ class Step(Protocol):
 Pipelines = Mapping[str, Sequence[Step]]
 
 
-def build_pipelines(*, normalise: Step, sign: Step, relay: Step) -> dict[str, Sequence[Step]]:
-    """Which steps each source's messages take, in order."""
-    return {
-        Source.SUBMISSION.value: (normalise, sign, relay),
-        Source.API.value: (normalise, sign, relay),
+def build_pipelines(
+    *,
+    normalise: Step,
+    sign: Step,
+    relay: Step,
+    identify_sender: Step,
+    identify_account: Step,
+    capture: Sequence[Step] = (),
+    hooks: Sequence[Step] = (),
+) -> dict[str, Sequence[Step]]:
+    """Which steps each source's messages take, in order.
+
+    ``hooks`` is ``(match-contacts, emit)`` when CRM logging is on; ``capture`` is the capture
+    door's own steps (prove the owner, unwrap forwards) that lead to a sighting.
+    """
+    pipelines: dict[str, Sequence[Step]] = {
+        Source.SUBMISSION.value: (normalise, sign, relay, identify_sender, *hooks),
+        Source.API.value: (normalise, sign, relay, identify_sender, *hooks),
+        Source.IMAP.value: (identify_account, *hooks),
         # Our own DSNs: already complete messages; sign them when we hold the domain's key.
         Source.BOUNCE.value: (sign, relay),
     }
+    if capture:
+        pipelines[Source.CAPTURE.value] = (*capture, *hooks)
+    return pipelines

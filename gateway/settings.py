@@ -189,6 +189,9 @@ class CrmSettings(Section):
 
     embedded: bool = opt(True, "Start the bundled CRM beside the gateway (`mailgate serve`)")
     url: str = opt("http://127.0.0.1:8025", "Base URL of the CRM; the gateway only talks HTTP")
+    config: str = opt(
+        "crm.toml", "The bundled CRM's own config file, when embedded (missing: its defaults)"
+    )
 
 
 class HooksSettings(Section):

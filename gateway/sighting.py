@@ -55,5 +55,7 @@ class Sighting:
     authentication: dict[str, str] = field(default_factory=dict)
     # The owner's own addresses: never contacts, whatever the CRM says.
     own_addresses: frozenset[str] = frozenset()
+    # Envelope recipients not named in To/Cc (blind copies of submitted mail).
+    bcc: list[str] = field(default_factory=list)
     # Filled by match-contacts: the addresses that are (or will become) contacts.
     matched: list[str] = field(default_factory=list)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from gateway.dkim import UnsignableMessage
@@ -19,10 +20,12 @@ from gateway.message import (
     domain_of,
     header_block,
     missing_header_lines,
+    normalise_address,
     outgoing,
     parse_headers,
 )
 from gateway.relay import Relay
+from gateway.sighting import AccountRef, Sharing, Sighting
 from gateway.store.models import DeliveryState
 from gateway.store.queue import DeliveryOutcome, QueuedMessage
 
@@ -119,3 +122,52 @@ class RelayUpstream:
         if temporary:
             first = temporary[0]
             raise Defer(f"{first.code} {first.text}".strip(), code=first.code)
+
+
+class IdentifySender:
+    """Submitted mail is outbound mail of the rep who sent it (or of its sender address)."""
+
+    name = "identify-sender"
+    durable = False
+
+    def __init__(
+        self,
+        *,
+        sharing: Sharing,
+        addresses_of: Callable[[str], Awaitable[frozenset[str]]],
+    ) -> None:
+        self.sharing = sharing
+        self.addresses_of = addresses_of
+
+    async def __call__(self, item: QueuedMessage) -> None:
+        owner = item.username or normalise_address(item.mail_from)
+        if not owner:
+            return  # a bounce or other null-sender mail: nobody's conversation
+        raw = outgoing(item.raw, item.prepend)
+        headers = parse_headers(item.raw)
+        named = set(addresses(headers, "To") + addresses(headers, "Cc"))
+        item.sighting = Sighting(
+            raw=raw,
+            account=AccountRef(id=f"user:{owner}", owner=owner, sharing=self.sharing),
+            direction="outbound",
+            source="api" if item.source == "api" else "submission",
+            own_addresses=await self.addresses_of(owner),
+            bcc=[r for r in map(normalise_address, item.rcpt_tos) if r not in named],
+        )
+
+
+class IdentifyAccount:
+    """Mail found by IMAP sync belongs to the account the sync engine recorded in its meta."""
+
+    name = "identify-account"
+    durable = False
+
+    async def __call__(self, item: QueuedMessage) -> None:
+        account = AccountRef.from_meta(item.meta["account"])
+        item.sighting = Sighting(
+            raw=item.raw,
+            account=account,
+            direction="outbound" if item.meta.get("direction") == "outbound" else "inbound",
+            source="imap",
+            own_addresses=frozenset(item.meta.get("own_addresses", [account.owner])),
+        )

@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections.abc import Sequence
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,8 +20,9 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.api.deps import Admin, ApiContext, Context
+from gateway.api.deps import Admin, ApiContext, Context, LinkOrAdmin
 from gateway.errors import StoreError
+from gateway.message import attachment_of, outgoing
 from gateway.store.models import MessageState
 
 
@@ -81,6 +83,29 @@ def create_api(context: ApiContext, routers: Sequence[APIRouter] = ()) -> FastAP
             raise HTTPException(404, f"no message {message_id} that can be retried")
         context.wake(message_id)
         return {"id": message_id, "state": "queued"}
+
+    @app.get("/api/v1/messages/{message_id}/raw")
+    async def raw(context: Context, _who: LinkOrAdmin, message_id: str) -> Response:
+        """The message as it went out (our added headers, no Bcc), as message/rfc822."""
+        row = await context.store.get_message(message_id, with_raw=True)
+        if row is None:
+            raise HTTPException(404, f"no message {message_id}")
+        return Response(outgoing(row["raw"], row["prepend"]), media_type="message/rfc822")
+
+    @app.get("/api/v1/messages/{message_id}/attachments/{index}")
+    async def attachment(
+        context: Context, _who: LinkOrAdmin, message_id: str, index: int
+    ) -> Response:
+        """Attachment number ``index`` (0-based, in MIME order), decoded."""
+        row = await context.store.get_message(message_id, with_raw=True)
+        if row is None:
+            raise HTTPException(404, f"no message {message_id}")
+        found = attachment_of(row["raw"], index)
+        if found is None:
+            raise HTTPException(404, f"message {message_id} has no attachment {index}")
+        filename, content_type, data = found
+        disposition = f"attachment; filename*=UTF-8''{quote(filename)}"
+        return Response(data, media_type=content_type, headers={"content-disposition": disposition})
 
     @app.delete("/api/v1/queue/{message_id}")
     async def delete(context: Context, _admin: Admin, message_id: str) -> dict[str, Any]:

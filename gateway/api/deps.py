@@ -17,6 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from gateway.links import valid
 from gateway.metrics import Metrics
 from gateway.store.queue import Store
 from gateway.users import user_for_token
@@ -28,6 +29,8 @@ class ApiContext:
     engine: Engine
     metrics: Metrics
     wake: Callable[[str], None]
+    # Key of signed links to raw messages and attachments (hooks.link_secret).
+    link_secret: str = ""
     # Services of feature packages, by name (e.g. "imap"), for their routers.
     services: dict[str, Any] = field(default_factory=dict)
 
@@ -62,3 +65,23 @@ async def _admin(
 
 
 Admin = Annotated[str, Depends(_admin)]
+
+
+async def _link_or_admin(
+    request: Request,
+    context: Context,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """A valid signed link (``?expires=&sig=``) for exactly this path, or an admin token."""
+    expires = request.query_params.get("expires", "")
+    sig = request.query_params.get("sig", "")
+    if expires and sig:
+        if expires.isdigit() and valid(
+            request.url.path, expires=int(expires), sig=sig, secret=context.link_secret
+        ):
+            return "link"
+        raise HTTPException(403, "this link is invalid or has expired; ask the CRM for a new one")
+    return await _admin(context, credentials)
+
+
+LinkOrAdmin = Annotated[str, Depends(_link_or_admin)]

@@ -57,6 +57,10 @@ class GroupCommitter:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailgate-writer")
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="group-committer")
 
