@@ -187,18 +187,20 @@ async def resolve_target(url: str, *, allow_private: bool, resolver: HostResolve
             raise UnsafeTarget(f"cannot resolve {parts.hostname}: {exc}") from None
     if not addresses:
         raise UnsafeTarget(f"{parts.hostname} has no address")
-    chosen = None
+    checked: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
     problems = []
     for address in addresses:
         try:
-            chosen = ipaddress.ip_address(address) if allow_private else check_address(address)
-            break
+            checked.append(
+                ipaddress.ip_address(address) if allow_private else check_address(address)
+            )
         except UnsafeTarget as exc:
             problems.append(str(exc))
-    if chosen is None or (problems and not allow_private):
+    if problems or not checked:
         # One bad answer is enough to refuse: a name that resolves to both a public and an
         # internal address is a rebinding attempt.
-        raise UnsafeTarget("; ".join(problems))
+        raise UnsafeTarget("; ".join(problems) or f"{parts.hostname} has no usable address")
+    chosen = checked[0]
     host = f"[{chosen}]" if chosen.version == 6 else str(chosen)
     netloc = f"{host}:{port}"
     pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
