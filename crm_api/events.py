@@ -96,7 +96,7 @@ class EmailLogged(_Model):
     direction: Literal["inbound", "outbound"]
     source: Literal["submission", "capture", "imap", "api"]
     account: Account
-    from_: list[Party] = Field(alias="from", min_length=1, max_length=50)
+    from_: list[Party] = Field(alias="from", default_factory=list, max_length=50)
     to: list[Party] = Field(default_factory=list, max_length=1000)
     cc: list[Party] = Field(default_factory=list, max_length=1000)
     bcc: list[Party] = Field(default_factory=list, max_length=1000)
@@ -108,6 +108,9 @@ class EmailLogged(_Model):
     attachments: list[AttachmentMeta] = Field(default_factory=list, max_length=500)
     authentication: Authentication = Field(default_factory=Authentication)
     matched_contacts: list[str] = Field(default_factory=list, max_length=5000)
+    raw_url: str = Field(
+        default="", max_length=4000, description="signed link to the raw MIME on the gateway"
+    )
 
 
 class EmailStatus(_Model):

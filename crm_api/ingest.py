@@ -438,6 +438,7 @@ class _Batch:
             "dmarc": ev.authentication.dmarc,
             # Mail whose every outside party is at an excluded domain (e.g. a personal address)
             # follows the admin's rule for such mail.
+            "raw_url": ev.raw_url,
             "excluded_only": bool(outsiders)
             and all(in_domains(a, self.excluded) for a in outsiders),
             "created_at": utcnow(),

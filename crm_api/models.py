@@ -303,6 +303,7 @@ class Email(SQLModel, table=True):
     dkim: str = Field(default="none", max_length=16)
     dmarc: str = Field(default="none", max_length=16)
     excluded_only: bool = False  # every outside party is at an excluded domain
+    raw_url: str = Field(default="", sa_type=sa.Text, sa_column_kwargs={"server_default": ""})
     created_at: datetime = _created()
 
 
@@ -416,6 +417,7 @@ class EmailPublic(SQLModel):
     references: list[str]
     authentication: AuthenticationPublic
     attachments: list[AttachmentPublic]
+    raw_url: str = Field(description="the raw MIME on the gateway (signed link; may expire)")
     accounts: list[AccountLinkPublic]
     contact_ids: list[int]
 

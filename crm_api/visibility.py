@@ -299,6 +299,7 @@ def hydrate(*, session: Session, viewer: Viewer, emails: Sequence[Email]) -> lis
                 references=e.thread_refs.split() if e.thread_refs else [],
                 authentication=AuthenticationPublic(spf=e.spf, dkim=e.dkim, dmarc=e.dmarc),
                 attachments=files[e.id],
+                raw_url=e.raw_url,
                 accounts=links[e.id],
                 contact_ids=contact_ids,
             )

@@ -160,6 +160,7 @@ def email_data(
         ],
         "authentication": {"spf": "pass", "dkim": "pass", "dmarc": "pass"},
         "matched_contacts": [],
+        "raw_url": f"https://gateway.{COMPANY}/api/v1/raw/{unique('r')}?sig=abc",
     }
 
 

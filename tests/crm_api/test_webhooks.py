@@ -60,6 +60,45 @@ def test_one_email_per_message_id_with_a_link_per_account(crm: CRM) -> None:
     )
 
 
+def test_every_field_is_kept(crm: CRM) -> None:
+    data = email_data(
+        owner=crm.emails["ann"],
+        to=["To@Client.Example"],
+        cc=["cc@client.example"],
+        bcc=["bcc@client.example"],
+        in_reply_to="<Parent@X>",
+        references=["<A@x>"],
+    )
+    data["from"] = [{"name": "Ann A.", "address": crm.emails["ann"]}]
+    data["body_truncated"] = True
+    data["authentication"] = {"spf": "pass", "dkim": "fail", "dmarc": "none"}
+    response = crm.webhook("email.logged", data)
+    assert response.status_code == 200
+    email = emails_with(crm, data["subject"])[0]
+    assert email["from"] == [{"name": "Ann A.", "address": crm.emails["ann"], "contact_id": None}]
+    assert [p["address"] for p in email["to"]] == ["to@client.example"]
+    assert [p["address"] for p in email["cc"]] == ["cc@client.example"]
+    assert [p["address"] for p in email["bcc"]] == ["bcc@client.example"]  # admin sees bcc
+    assert email["in_reply_to"] == "parent@x" and email["references"] == ["a@x"]
+    assert email["body_truncated"] is True and email["text_body"] == data["text_body"]
+    assert email["html_body"] == data["html_body"] and email["raw_url"] == data["raw_url"]
+    assert email["authentication"] == {"spf": "pass", "dkim": "fail", "dmarc": "none"}
+    assert email["direction"] == "outbound" and email["source"] == "submission"
+    assert email["attachments"][0]["url"] == data["attachments"][0]["url"]
+    assert email["accounts"] == [
+        {
+            "account_id": data["account"]["id"],
+            "owner": crm.emails["ann"],
+            "kind": "personal",
+            "sharing": "public",
+            "status": "active",
+        }
+    ]
+    # Broken mail without a From header is still logged (nothing to attribute, nothing lost).
+    no_from = {**email_data(owner=crm.emails["ann"], to=["x@client.example"]), "from": []}
+    assert crm.webhook("email.logged", no_from).json()["status"] == "stored"
+
+
 def test_status_events_mark_links_and_are_stored(crm: CRM) -> None:
     data = email_data(owner=crm.emails["ann"], to=[f"{unique('r')}@client.example"])
     crm.webhook("email.logged", data)
