@@ -1,10 +1,7 @@
-"""First-run set-up of the bundled CRM, for ``mailgate init``: schema, policy, an admin, a token.
-
-The gateway's installer calls this so a fresh install has a CRM the gateway can already talk to:
-the admin user exists and the returned API token is what the gateway puts in its config for
-``/contacts/match``. Nothing here is specific to the gateway; it is the same as running
-``mailgate crm migrate``, ``crm user add`` and ``crm token create`` by hand.
-"""
+"""First-run set-up of the bundled CRM, for ``mailgate init``: bring the schema to the newest
+migration, store the organisation's policy, and make sure the admin exists with an API token
+(the gateway's token for ``/contacts/match``). Running it again changes nothing and issues no
+new token, so ``init`` can be repeated safely."""
 
 from __future__ import annotations
 
@@ -17,21 +14,20 @@ from crm_api.settings import Settings
 
 
 def bootstrap(settings: Settings, *, admin_email: str) -> tuple[str, str | None]:
-    """Make the CRM ready; returns ``(admin email, new token or None if the admin existed)``."""
+    """``(admin's normalised email, new token or None when the admin already existed)``."""
     db = Database(settings.database_url)
     try:
         migrate(db.engine)
-        with Session(db.engine) as session:
+        with Session(db.engine, expire_on_commit=False) as session:
             crud.seed_org(session=session, policy=settings.policy)
             user = crud.get_user_by_email(session=session, email=admin_email)
-            if user is not None:
-                session.commit()
-                return user.email, None
-            user = crud.create_user(
-                session=session,
-                user_in=UserCreate(email=admin_email, role=Role.admin, name="Administrator"),
-            )
-            token = crud.create_token(session=session, user=user)
+            token = None
+            if user is None:
+                user = crud.create_user(
+                    session=session,
+                    user_in=UserCreate(email=admin_email, role=Role.admin, name="Administrator"),
+                )
+                token = crud.create_token(session=session, user=user)
             session.commit()
             return user.email, token
     finally:

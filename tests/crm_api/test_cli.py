@@ -101,3 +101,28 @@ def test_migrations_match_the_models(crm: CRM) -> None:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(context, SQLModel.metadata) == []
     db.dispose()
+
+
+def test_bootstrap_creates_the_admin_once(tmp_path: Path) -> None:
+    from crm_api.bootstrap import bootstrap
+    from crm_api.settings import Settings
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'boot.db'}")
+    email, token = bootstrap(settings, admin_email="Boss@Acme.Example")
+    assert email == "boss@acme.example" and token is not None and token.startswith("mgc_")
+    assert bootstrap(settings, admin_email="boss@acme.example") == ("boss@acme.example", None)
+    db = Database(settings.database_url)
+    with Session(db.engine) as session:
+        user = crud.user_for_token(session=session, token=token)
+        assert user is not None and user.role == "admin"
+    db.dispose()
+
+
+def test_embedded_app_listens_where_the_gateway_says(tmp_path: Path) -> None:
+    from crm_api.embed import embedded_app
+
+    config = tmp_path / "crm.toml"
+    config.write_text(f'database_url = "sqlite:///{tmp_path / "e.db"}"\n')
+    app, host, port = embedded_app("http://127.0.0.1:18025", str(config))
+    assert (host, port) == ("127.0.0.1", 18025)
+    assert app.state.settings.database_url.endswith("e.db")
