@@ -7,8 +7,8 @@ Revises: 0002
 
 from collections.abc import Sequence
 
-import sqlalchemy as sa  # noqa: F401
-from alembic import op  # noqa: F401
+import sqlalchemy as sa
+from alembic import op
 
 # revision identifiers, used by Alembic.
 revision: str = "0003"
@@ -18,8 +18,31 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    pass
+    op.create_table(
+        "capture_token",
+        sa.Column("user_id", sa.Integer(), nullable=False),
+        sa.Column("token", sa.String(length=64), nullable=False),
+        sa.Column("created_at", sa.Float(), nullable=False),
+        sa.ForeignKeyConstraint(["user_id"], ["user.id"]),
+        sa.PrimaryKeyConstraint("user_id"),
+        sa.UniqueConstraint("token"),
+    )
+    op.create_table(
+        "capture_quarantine",
+        sa.Column("message_id", sa.String(length=32), nullable=False),
+        sa.Column("from_address", sa.String(length=320), nullable=False),
+        sa.Column("subject", sa.String(length=998), nullable=False),
+        sa.Column("claimed_owner", sa.String(length=320), nullable=True),
+        sa.Column("reason", sa.String(), nullable=False),
+        sa.Column("created_at", sa.Float(), nullable=False),
+        sa.Column("released_at", sa.Float(), nullable=True),
+        sa.Column("released_by", sa.String(length=320), nullable=True),
+        sa.Column("release_owner", sa.String(length=320), nullable=True),
+        sa.ForeignKeyConstraint(["message_id"], ["message.id"], ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("message_id"),
+    )
 
 
 def downgrade() -> None:
-    pass
+    op.drop_table("capture_quarantine")
+    op.drop_table("capture_token")
