@@ -48,7 +48,7 @@ log = logging.getLogger("crm_api.ingest")
 
 Outcome = Literal["stored", "duplicate"]
 _ROLES = ("from", "to", "cc", "bcc")
-_MAX_REFS = 100  # the newest References are the ones that find a thread
+_MAX_REFS = 100  # the root and the newest References are the ones that find a thread
 _MAX_BATCH = 64  # events per transaction
 _ATTEMPTS = 3
 
@@ -333,7 +333,7 @@ class _Batch:
                     thread_id=thread_id,
                     values=self._email_row(ev, mid, thread_id, outsiders),
                     parties=[(r, n, a, contacts.get(a)) for r, n, a in ps],
-                    refs=keys,
+                    refs=self._kept_refs(keys),
                 )
                 for key in keys:
                     children[key].add(thread_id)  # for a parent later in this batch
@@ -400,8 +400,19 @@ class _Batch:
         return try_normalise(ev.account.owner) or ev.account.owner.strip().lower()
 
     @staticmethod
+    def _kept_refs(keys: list[str]) -> list[str]:
+        """The thread keys stored for finding this email's thread from a late ancestor: the
+        root (References' first), the parent (In-Reply-To, last in ``keys``) and the newest
+        Reference. References grow by one per reply (RFC 5322 §3.6.4), so every message of a
+        chain names its parent and the root: when any ancestor arrives late, the message that
+        replied to it names it, and the rest of the chain is already in that thread."""
+        return list(dict.fromkeys([keys[0], keys[-1], *keys[-2:-1]])) if keys else []
+
+    @staticmethod
     def _refs(ev: EmailLogged, mid: str) -> list[str]:
-        keys = [normalise_message_id(r) for r in ev.references][-_MAX_REFS:]
+        keys = [normalise_message_id(r) for r in ev.references]
+        if len(keys) > _MAX_REFS:  # keep the root and the newest
+            keys = [keys[0], *keys[-(_MAX_REFS - 1) :]]
         if ev.in_reply_to:
             keys.append(normalise_message_id(ev.in_reply_to))
         return [k[:998] for k in dict.fromkeys(keys) if k and k != mid]

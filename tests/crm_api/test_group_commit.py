@@ -108,3 +108,32 @@ def test_one_bad_event_fails_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ("ok2",),
     ]
     db.dispose()
+
+
+def test_a_late_middle_ancestor_joins_the_whole_chain(tmp_path: Path) -> None:
+    db = database(tmp_path)
+    owner = f"ann@{COMPANY}"
+    chain = ["<r@x>", "<a@x>", "<b@x>", "<c@x>", "<d@x>"]
+
+    def message(i: int) -> dict[str, Any]:
+        return email_data(
+            owner=owner,
+            to=["p@client.example"],
+            message_id=chain[i],
+            subject=f"Re: step {i}",
+            references=chain[:i],
+            in_reply_to=chain[i - 1] if i else None,
+        )
+
+    for i in (2, 3, 4, 1):  # the root never arrives; a@x, which b@x answers, arrives last
+        assert ingest.store(
+            engine=db.engine, items=[item("email.logged", message(i), f"w{i}")]
+        ) == ["stored"]
+    assert rows(db, "SELECT count(DISTINCT thread_id) FROM email") == [(1,)]
+    assert rows(db, "SELECT count(*) FROM thread") == [(1,)]
+    assert rows(db, "SELECT count(*) FROM email") == [(4,)]
+    # Only the root, the parent and the newest Reference are kept as keys, not every Reference.
+    assert rows(
+        db, "SELECT max(n) FROM (SELECT count(*) AS n FROM email_reference GROUP BY email_id) AS t"
+    ) == [(3,)]
+    db.dispose()
