@@ -34,6 +34,14 @@ def clean(text: str, limit: int | None = None) -> str:
     return text[:limit] if limit is not None else text
 
 
+def _truncate(text: str, max_bytes: int) -> tuple[str, bool]:
+    """At most ``max_bytes`` of UTF-8, never cutting a character in half."""
+    encoded = text.encode("utf-8")
+    if len(encoded) <= max_bytes:
+        return text, False
+    return encoded[:max_bytes].decode("utf-8", "ignore"), True
+
+
 def _header(message: Message, name: str) -> str:
     try:
         value = message.get(name)
@@ -103,7 +111,6 @@ def build_email_logged(
     message_id = key.removeprefix("mid:")
     text_body = html_body = ""
     attachments: list[dict[str, Any]] = []
-    truncated = False
     for part in message.walk():
         if part.is_multipart():
             continue
@@ -136,10 +143,9 @@ def build_email_logged(
                     "url": signed_url(public_url, path, secret=link_secret, lifetime=link_lifetime),
                 }
             )
-    if len(text_body) > max_body:
-        text_body, truncated = text_body[:max_body], True
-    if len(html_body) > max_body:
-        html_body, truncated = html_body[:max_body], True
+    text_body, cut_text = _truncate(clean(text_body), max_body)
+    html_body, cut_html = _truncate(clean(html_body), max_body)
+    truncated = cut_text or cut_html
     references = _MSGID.findall(_header(message, "References"))[-MAX_REFERENCES:]
     in_reply_to = _MSGID.findall(_header(message, "In-Reply-To"))
     senders = _parties(message, "From") or [{"name": "", "address": "unknown@invalid"}]
@@ -165,8 +171,8 @@ def build_email_logged(
         "bcc": list({p["address"]: p for p in bcc}.values())[:MAX_PARTIES],
         "subject": clean(_header(message, "Subject"), 10_000),
         "date": _date(message, arrived).isoformat(),
-        "text_body": clean(text_body),
-        "html_body": clean(html_body),
+        "text_body": text_body,
+        "html_body": html_body,
         "body_truncated": truncated,
         "attachments": attachments,
         "authentication": {

@@ -235,7 +235,7 @@ class Dispatcher:
         concurrency: int = 8,
         timeout: float = 10.0,
         max_response_bytes: int = 65536,
-        lease_seconds: float = 120.0,
+        lease_seconds: float | None = None,
         poll_seconds: float = 1.0,
         resolver: HostResolver = system_resolver,
         clock: Callable[[], float] = time.time,
@@ -247,7 +247,9 @@ class Dispatcher:
         self.concurrency = concurrency
         self.timeout = timeout
         self.max_response_bytes = max_response_bytes
-        self.lease_seconds = lease_seconds
+        # A claim covers one round of at most `concurrency` requests, each bounded by `timeout`:
+        # a dead process's claims come back soon after that.
+        self.lease_seconds = lease_seconds or 2 * timeout + 5
         self.poll_seconds = poll_seconds
         self.resolver = resolver
         self.clock = clock
@@ -281,7 +283,7 @@ class Dispatcher:
 
     async def dispatch_once(self) -> int:
         """Deliver one batch of due events; returns how many were attempted."""
-        due = await self._claim(self.concurrency * 4)
+        due = await self._claim(self.concurrency)
         if not due:
             return 0
         slots = asyncio.Semaphore(self.concurrency)
