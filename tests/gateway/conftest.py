@@ -114,6 +114,7 @@ def gateway_settings(tmp_path: Path, ca: Any, **sections: dict[str, Any]) -> Set
         "api": {"port": free_port()},
         "worker": {"poll_interval_seconds": 0.2},
         "crm": {"embedded": False},
+        "hooks": {"enabled": False},  # the hooks tests turn them on, with a real CRM
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)

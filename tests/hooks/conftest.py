@@ -89,6 +89,7 @@ def hooked_settings(
         "relay": {"host": "127.0.0.1", "port": sink.port, "security": "none", "require_tls": False},
         "crm": {"embedded": False, "url": crm.url},
         "hooks": {
+            "enabled": True,
             "crm_token": crm.gateway_token,
             "webhook_secrets": [SECRET],
             "link_secret": "test-link-secret",
