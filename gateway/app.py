@@ -57,9 +57,10 @@ class _EmbeddedUvicorn(uvicorn.Server):
 class Mailgate:
     """The whole gateway process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
         check_aiosmtpd_version()
         self.settings = settings
+        self.reuse_port = reuse_port  # other gateway processes serve the same SMTP ports
         self.engine = make_engine(settings.database.url)
         self.metrics = Metrics()
         self.listener: SmtpListener | None = None
@@ -142,7 +143,7 @@ class Mailgate:
                     settings.submission.cert_file, settings.submission.key_file
                 ),
             )
-            await self.listener.start()
+            await self.listener.start(reuse_port=self.reuse_port)
         self.worker.wake()  # anything left from before a restart starts now
 
     async def _start_hooks(self) -> tuple[Step, ...]:
@@ -173,6 +174,12 @@ class Mailgate:
             poll_seconds=self.settings.worker.poll_interval_seconds,
         )
         if not hooks.enabled:
+            return ()
+        if not hooks.webhook_secrets:
+            log.warning(
+                "hooks are on but hooks.webhook_secrets is empty (run `mailgate init`, or set "
+                "it): mail is relayed but not logged to the CRM"
+            )
             return ()
         await ensure_crm_subscriber(self.committer, self.settings)
         await self.dispatcher.start()

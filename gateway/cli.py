@@ -358,12 +358,18 @@ def _init_crm(path: Path, defaults: Settings, admin: str) -> Any:
     )
 
 
+# Set in the environment of the extra processes `serve` starts for `server.processes > 1`.
+_SHARED_PORTS = "MAILGATE_SHARED_PORTS"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.app import Mailgate
 
     settings = settings_of(args)
     logging.getLogger().setLevel(settings.server.log_level.upper())
-    app = Mailgate(settings)
+    extra_processes = settings.server.processes - 1
+    shared = extra_processes > 0 or os.environ.get(_SHARED_PORTS) == "1"
+    app = Mailgate(settings, reuse_port=shared)
     _add_embedded_crm(app, settings, args)
 
     async def run() -> None:
@@ -371,7 +377,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await app.run(stop)
+        await app.start()
+        # Only now (schema migrated, ports bound) may the other processes start beside us.
+        supervisor = asyncio.create_task(_supervise(args, extra_processes, stop))
+        try:
+            await stop.wait()
+        finally:
+            await app.stop()
+            await supervisor
 
     try:
         asyncio.run(run())
@@ -380,6 +393,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"cannot listen: {exc.strerror} ({exc}); change the port in the config"
         ) from None
     return 0
+
+
+async def _supervise(args: argparse.Namespace, count: int, stop: asyncio.Event) -> None:
+    """Run ``count`` more gateway processes (SMTP doors, worker, dispatcher; no admin API or
+    CRM, which this process serves) until ``stop``; one that dies is started again."""
+    if count <= 0:
+        return
+    argv = [sys.executable, "-m", "gateway"]
+    if args.config:
+        argv += ["--config", str(args.config)]
+    env = {
+        **os.environ,
+        _SHARED_PORTS: "1",
+        "MAILGATE_SERVER__PROCESSES": "1",
+        "MAILGATE_API__ENABLED": "false",
+        "MAILGATE_CRM__EMBEDDED": "false",
+    }
+    log = logging.getLogger(__name__)
+
+    async def keep_running(index: int) -> None:
+        while not stop.is_set():
+            child = await asyncio.create_subprocess_exec(*argv, "serve", env=env)
+            stopping = asyncio.create_task(stop.wait())
+            exited = asyncio.create_task(child.wait())
+            await asyncio.wait({stopping, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if exited.done():
+                stopping.cancel()
+                if not stop.is_set():
+                    log.error(
+                        "gateway process %d exited (%s); starting it again", index, child.returncode
+                    )
+                    await asyncio.sleep(1)  # do not spin if it dies at once
+                continue
+            child.terminate()
+            try:
+                await asyncio.wait_for(exited, 60)
+            except TimeoutError:
+                child.kill()
+                await exited
+
+    await asyncio.gather(*(keep_running(i + 1) for i in range(count)))
 
 
 def _add_embedded_crm(app: Any, settings: Settings, args: argparse.Namespace) -> None:

@@ -36,6 +36,13 @@ class ServerSettings(Section):
     hostname: str = opt("mailgate.localhost", "Our name in SMTP greetings, Message-IDs and DSNs")
     data_dir: Path = opt(Path("var"), "Where the database, keys and certificates live by default")
     log_level: Literal["debug", "info", "warning", "error"] = opt("info", "Log verbosity")
+    processes: int = opt(
+        1,
+        "Gateway processes sharing the SMTP ports and the queue (one per core is fastest: Python "
+        "runs one core per process)",
+        ge=1,
+        le=64,
+    )
 
 
 class DatabaseSettings(Section):

@@ -22,7 +22,6 @@ from gateway.message import (
     missing_header_lines,
     normalise_address,
     outgoing,
-    parse_headers,
 )
 from gateway.relay import Relay
 from gateway.sighting import AccountRef, Sharing, Sighting
@@ -52,7 +51,7 @@ class Normalise:
     async def __call__(self, item: QueuedMessage) -> None:
         if item.prepend:
             return  # added on an earlier attempt; the same lines must go out every time
-        headers = parse_headers(item.raw)
+        headers = item.headers()
         item.prepend = missing_header_lines(
             headers, local_id=item.id, hostname=self.hostname, now=item.created_at
         )
@@ -72,7 +71,7 @@ class DkimSign:
     async def __call__(self, item: QueuedMessage) -> None:
         if self.signer is None or b"DKIM-Signature:" in header_block(item.prepend or b"x"):
             return
-        senders = addresses(parse_headers(item.raw), "From")
+        senders = addresses(item.headers(), "From")
         domain = domain_of(senders[0]) if senders else domain_of(item.mail_from)
         if not domain or not self.signer.has_key(domain):
             return
@@ -144,7 +143,7 @@ class IdentifySender:
         if not owner:
             return  # a bounce or other null-sender mail: nobody's conversation
         raw = outgoing(item.raw, item.prepend)
-        headers = parse_headers(item.raw)
+        headers = item.headers()
         named = set(addresses(headers, "To") + addresses(headers, "Cc"))
         item.sighting = Sighting(
             raw=raw,

@@ -163,12 +163,17 @@ class SmtpListener:
             loop=asyncio.get_running_loop(),
         )
 
-    async def start(self) -> None:
+    async def start(self, *, reuse_port: bool = False) -> None:
+        """Listen; ``reuse_port`` lets several gateway processes share the ports (the kernel
+        spreads connections among them: SO_REUSEPORT)."""
         loop = asyncio.get_running_loop()
         host = self.settings.listen
         self.servers.append(
             await loop.create_server(
-                lambda: self._factory(implicit_tls=False), host, self.settings.port
+                lambda: self._factory(implicit_tls=False),
+                host,
+                self.settings.port,
+                reuse_port=reuse_port,
             )
         )
         if self.tls_context is not None and self.settings.tls_port:
@@ -178,6 +183,7 @@ class SmtpListener:
                     host,
                     self.settings.tls_port,
                     ssl=self.tls_context,
+                    reuse_port=reuse_port,
                 )
             )
         for server in self.servers:

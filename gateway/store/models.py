@@ -54,7 +54,6 @@ class Message(GatewayTable, table=True):
     state: str = Field(default=MessageState.QUEUED, max_length=16)
     mail_from: str = Field(max_length=512)
     rcpt_tos: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
-    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     prepend: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False))
     size: int = 0
     username: str | None = Field(default=None, max_length=320)
@@ -70,6 +69,20 @@ class Message(GatewayTable, table=True):
     last_error: str | None = None
     # What the door knew that the pipeline needs: IMAP account/folder/UID, capture verdicts...
     meta: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class MessageBody(GatewayTable, table=True):
+    """The exact bytes a door accepted, written once and never updated.
+
+    Kept apart from ``message`` because leasing and recording update that row many times: in
+    SQLite an update rewrites the whole row, so a 25 MB body there would be copied at every
+    claim and outcome.
+    """
+
+    __tablename__ = "message_body"
+
+    id: str = Field(foreign_key="message.id", primary_key=True, max_length=32)
+    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
 class Delivery(GatewayTable, table=True):

@@ -19,19 +19,72 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from email.message import Message as EmailHeaders
 from typing import Any
 
-from sqlalchemy import JSON, Connection, Engine, bindparam, delete, insert, select, text, update
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Connection,
+    Engine,
+    Float,
+    Integer,
+    LargeBinary,
+    String,
+    bindparam,
+    delete,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.errors import StoreError
+from gateway.message import parse_headers
 from gateway.store.db import is_postgres
-from gateway.store.models import Delivery, DeliveryState, Message, MessageState
+from gateway.store.models import Delivery, DeliveryState, Message, MessageBody, MessageState
 
 log = logging.getLogger(__name__)
 
 MESSAGE = Message.__table__  # type: ignore[attr-defined]
+BODY = MessageBody.__table__  # type: ignore[attr-defined]
 DELIVERY = Delivery.__table__  # type: ignore[attr-defined]
+
+# Statements built once: building SQLAlchemy constructs per message costs more than SQLite's work.
+_INSERT_MESSAGE = insert(MESSAGE)
+_INSERT_BODY = insert(BODY)
+_RECORD = text(
+    "UPDATE message SET steps_done = :steps_done, prepend = :prepend, "
+    "header_message_id = :header_message_id, meta = :meta, updated_at = :now, "
+    "state = COALESCE(:state, state), "
+    "lease_owner = CASE WHEN :release THEN NULL ELSE lease_owner END, "
+    "lease_expires_at = CASE WHEN :release THEN NULL ELSE lease_expires_at END, "
+    "next_attempt_at = COALESCE(:next_attempt_at, next_attempt_at), "
+    "attempts = attempts + :retried, last_error = COALESCE(:error, last_error) "
+    "WHERE id = :id AND lease_owner = :owner"
+).bindparams(
+    bindparam("steps_done", type_=JSON),
+    bindparam("meta", type_=JSON),
+    bindparam("prepend", type_=LargeBinary),
+    bindparam("state", type_=String),
+    bindparam("release", type_=Boolean),
+    bindparam("next_attempt_at", type_=Float),
+    bindparam("retried", type_=Integer),
+    bindparam("error", type_=String),
+)
+_RECORD_DELIVERY = (
+    update(DELIVERY)
+    .where(DELIVERY.c.message_id == bindparam("m"))
+    .where(DELIVERY.c.recipient == bindparam("r"))
+    .values(
+        state=bindparam("state"),
+        last_code=bindparam("code"),
+        last_reply=bindparam("reply"),
+        updated_at=bindparam("now"),
+        attempts=DELIVERY.c.attempts + 1,
+    )
+)
 
 Write = Callable[[Connection], Any]
 
@@ -180,6 +233,13 @@ class QueuedMessage:
     failures: list[Any] = field(default_factory=list)  # relay results that failed for good
     sighting: Any = None  # gateway.sighting.Sighting, set by the steps before match-contacts
     facts: dict[str, Any] = field(default_factory=dict)
+    _headers: EmailHeaders | None = None
+
+    def headers(self) -> EmailHeaders:
+        """The client's header section, parsed once for all the steps that read it."""
+        if self._headers is None:
+            self._headers = parse_headers(self.raw)
+        return self._headers
 
 
 class Store:
@@ -217,7 +277,6 @@ class Store:
             "state": MessageState.QUEUED.value,
             "mail_from": message.mail_from,
             "rcpt_tos": message.rcpt_tos,
-            "raw": message.raw,
             "prepend": b"",
             "size": len(message.raw),
             "username": message.username,
@@ -242,7 +301,8 @@ class Store:
         ]
 
         def write(connection: Connection) -> str:
-            connection.execute(insert(MESSAGE), row)
+            connection.execute(_INSERT_MESSAGE, row)
+            connection.execute(_INSERT_BODY, {"id": message.id, "raw": message.raw})
             if deliveries:
                 connection.execute(insert(DELIVERY), deliveries)
             return message.id
@@ -266,7 +326,7 @@ class Store:
             f"UPDATE message SET lease_owner = :owner, lease_expires_at = :expires "
             f"WHERE id IN (SELECT id FROM message WHERE {where} "
             f"ORDER BY next_attempt_at LIMIT {int(limit)}{skip_locked}) AND {free} "
-            "RETURNING id, source, mail_from, rcpt_tos, raw, prepend, username, "
+            "RETURNING id, source, mail_from, rcpt_tos, prepend, username, "
             "header_message_id, steps_done, attempts, created_at, client_address, meta"
         ).columns(rcpt_tos=JSON, steps_done=JSON, meta=JSON)
         if ids:
@@ -276,6 +336,12 @@ class Store:
             rows = connection.execute(statement, params).all()
             if not rows:
                 return []
+            # The bytes come from their own table: reading them rewrites nothing.
+            bodies: dict[str, bytes] = dict(
+                connection.execute(
+                    select(BODY.c.id, BODY.c.raw).where(BODY.c.id.in_([r.id for r in rows]))
+                ).all()
+            )
             pending = connection.execute(
                 select(DELIVERY.c.message_id, DELIVERY.c.recipient)
                 .where(DELIVERY.c.message_id.in_([r.id for r in rows]))
@@ -291,7 +357,7 @@ class Store:
                     source=r.source,
                     mail_from=r.mail_from,
                     rcpt_tos=list(r.rcpt_tos),
-                    raw=bytes(r.raw),
+                    raw=bytes(bodies[r.id]),
                     prepend=bytes(r.prepend),
                     username=r.username,
                     header_message_id=r.header_message_id,
@@ -332,19 +398,20 @@ class Store:
         Returns False when the lease was lost and nothing was written.
         """
         now = self.clock()
-        values: dict[str, Any] = {
+        values = {
+            "id": item.id,
+            "owner": self.owner,
             "steps_done": item.steps_done,
             "prepend": item.prepend,
             "header_message_id": item.header_message_id,
             "meta": item.meta,
-            "updated_at": now,
+            "now": now,
+            "state": state.value if state is not None else None,
+            "release": state is not None,
+            "next_attempt_at": next_attempt_at,
+            "retried": 1 if next_attempt_at is not None else 0,
+            "error": error,
         }
-        if state is not None:
-            values.update(state=state.value, lease_owner=None, lease_expires_at=None)
-        if next_attempt_at is not None:
-            values.update(next_attempt_at=next_attempt_at, attempts=item.attempts + 1)
-        if error is not None:
-            values["last_error"] = error
         outcome_rows = [
             {
                 "m": item.id,
@@ -358,25 +425,10 @@ class Store:
         ]
 
         def write(connection: Connection) -> bool:
-            updated = connection.execute(
-                update(MESSAGE).where(self._owned(item.id)).values(**values)
-            ).rowcount
-            if not updated:
+            if not connection.execute(_RECORD, values).rowcount:
                 return False
             if outcome_rows:
-                connection.execute(
-                    update(DELIVERY)
-                    .where(DELIVERY.c.message_id == bindparam("m"))
-                    .where(DELIVERY.c.recipient == bindparam("r"))
-                    .values(
-                        state=bindparam("state"),
-                        last_code=bindparam("code"),
-                        last_reply=bindparam("reply"),
-                        updated_at=bindparam("now"),
-                        attempts=DELIVERY.c.attempts + 1,
-                    ),
-                    outcome_rows,
-                )
+                connection.execute(_RECORD_DELIVERY, outcome_rows)
             if extra is not None:
                 extra(connection)
             return True
@@ -436,6 +488,7 @@ class Store:
 
         def write(connection: Connection) -> bool:
             connection.execute(delete(DELIVERY).where(DELIVERY.c.message_id == message_id))
+            connection.execute(delete(BODY).where(BODY.c.id == message_id))
             return bool(
                 connection.execute(delete(MESSAGE).where(MESSAGE.c.id == message_id)).rowcount
             )
@@ -447,7 +500,7 @@ class Store:
         self, *, state: str | None = None, limit: int = 100, before: str | None = None
     ) -> list[dict[str, Any]]:
         """Newest first, without the raw bytes."""
-        columns = [c for c in MESSAGE.c if c.name not in ("raw", "prepend")]
+        columns = [c for c in MESSAGE.c if c.name != "prepend"]
         query = select(*columns).order_by(MESSAGE.c.id.desc()).limit(limit)
         if state:
             query = query.where(MESSAGE.c.state == state)
@@ -464,13 +517,17 @@ class Store:
         self, message_id: str, *, with_raw: bool = False
     ) -> dict[str, Any] | None:
         """One message with its deliveries, or None."""
-        columns = [c for c in MESSAGE.c if with_raw or c.name not in ("raw", "prepend")]
+        columns = [c for c in MESSAGE.c if with_raw or c.name != "prepend"]
 
         def read(connection: Connection) -> dict[str, Any] | None:
             row = connection.execute(select(*columns).where(MESSAGE.c.id == message_id)).first()
             if row is None:
                 return None
             result = dict(row._mapping)
+            if with_raw:
+                result["raw"] = connection.execute(
+                    select(BODY.c.raw).where(BODY.c.id == message_id)
+                ).scalar_one()
             result["deliveries"] = [
                 dict(d._mapping)
                 for d in connection.execute(
