@@ -73,7 +73,7 @@ def _provider(key: str, table: dict[str, object]) -> Provider:
         value = str(table[name])
         if value not in SECURITIES:
             raise ValueError(f"{name} must be one of {', '.join(SECURITIES)}, not {value!r}")
-        return cast(Security, value)
+        return value
 
     return Provider(
         key=key,
