@@ -11,7 +11,7 @@ targets are measured in interleaved rounds, each figure the median round (the ma
 shared). Every loop is bounded by a count and a deadline; servers are uvicorn subprocesses
 stopped by PID.
 
-    .venv/bin/python bench/crm_ingest.py [--seconds 3] [--rounds 3] [--clients httpx raw]
+    .venv/bin/python bench/crm_ingest.py [--seconds 1.5] [--rounds 6] [--clients httpx raw]
 """
 
 from __future__ import annotations
@@ -459,8 +459,8 @@ def count_rows(database_url: str, table: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="per round and target")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per target")
+    parser.add_argument("--seconds", type=float, default=1.5, help="per round and target")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds per target")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[20, 50])
     parser.add_argument("--skip-postgres", action="store_true")
     parser.add_argument(
