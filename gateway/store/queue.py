@@ -54,6 +54,29 @@ DELIVERY = Delivery.__table__  # type: ignore[attr-defined]
 # Statements built once: building SQLAlchemy constructs per message costs more than SQLite's work.
 _INSERT_MESSAGE = insert(MESSAGE)
 _INSERT_BODY = insert(BODY)
+_STREAMED_BODY = 1024 * 1024  # from this size on, SQLite gets the body in slices
+_ZEROBLOB = text("INSERT INTO message_body (id, raw) VALUES (:id, zeroblob(:size)) RETURNING rowid")
+
+
+def insert_body(connection: Connection, message_id: str, raw: bytes) -> None:
+    """Store a body; big ones go to SQLite through its incremental blob API.
+
+    Binding a 25 MB value makes SQLite copy it whole before writing; writing into a zeroblob a
+    megabyte at a time keeps the extra memory at one slice (PostgreSQL has no such API, and
+    copies).
+    """
+    if len(raw) < _STREAMED_BODY or connection.dialect.name != "sqlite":
+        connection.execute(_INSERT_BODY, {"id": message_id, "raw": raw})
+        return
+    rowid = connection.execute(_ZEROBLOB, {"id": message_id, "size": len(raw)}).scalar_one()
+    dbapi = connection.connection.dbapi_connection
+    assert dbapi is not None
+    view = memoryview(raw)
+    with dbapi.blobopen("message_body", "raw", rowid) as blob:
+        for start in range(0, len(raw), _STREAMED_BODY):
+            blob.write(view[start : start + _STREAMED_BODY])
+
+
 _RECORD = text(
     "UPDATE message SET steps_done = :steps_done, prepend = :prepend, "
     "header_message_id = :header_message_id, meta = :meta, updated_at = :now, "
@@ -302,7 +325,7 @@ class Store:
 
         def write(connection: Connection) -> str:
             connection.execute(_INSERT_MESSAGE, row)
-            connection.execute(_INSERT_BODY, {"id": message.id, "raw": message.raw})
+            insert_body(connection, message.id, message.raw)
             if deliveries:
                 connection.execute(insert(DELIVERY), deliveries)
             return message.id
