@@ -704,6 +704,8 @@ class GroupCommitter:
                             )
                     except Exception as exc:  # never leave a request hanging
                         results = [exc] * len(batch)
+                if len(results) != len(batch):
+                    results = [RuntimeError("the store answered a different count")] * len(batch)
                 for waiting, result in zip(batch, results, strict=True):
                     if waiting.future.done():
                         continue
