@@ -448,3 +448,21 @@ def test_wrong_password_then_disconnect(via_sink: RunningGateway, ca: Any) -> No
         assert client.docmd("AUTH", f"PLAIN {blob}")[0] == 535
         code, _ = client.docmd("AUTH", f"PLAIN {blob}")
         assert code == 421
+
+
+def test_a_large_message_goes_through_unchanged(tmp_path: Path, ca: Any, sink: Any) -> None:
+    settings = gateway_settings(
+        tmp_path,
+        ca,
+        relay={"host": "127.0.0.1", "port": sink.port, "security": "none", "require_tls": False},
+    )
+    add_users(settings.database.url)
+    gateway = RunningGateway(settings).start()
+    try:
+        body = b"".join(b"%07d " % n + b"x" * 70 + b"\r\n" for n in range(40_000))  # ~3 MB
+        message = b"From: rep@example.test\r\nTo: big@client.test\r\nSubject: big\r\n\r\n" + body
+        submit(gateway, ca, message, to=["big@client.test"])
+        arrived = sink.wait_for_rcpt("big@client.test", timeout=30)
+        assert arrived.data.endswith(body)
+    finally:
+        gateway.stop()
