@@ -5,6 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import pytest
+
+from gateway.imap.accounts import AccountUpdate
+from gateway.imap.connection import ImapConnection
 from tests.imap.conftest import Crm, Harness, Mailbox, unique, wait_for
 from tests.imap.mailbox import Mail, MailboxSpec, make_mails, write_maildir
 from tests.servers.certs import TestCA
@@ -88,3 +92,165 @@ def test_first_sync_logs_exactly_the_mail_with_contacts_once_and_changes_no_flag
     for folder, before in flags_before.items():
         after = box.flags(folder)
         assert {uid: after[uid] for uid in before} == before, folder
+
+
+def test_mail_delivered_while_idling_is_logged_within_a_second_or_two(
+    harness: Callable[..., Harness], dovecot: DovecotServer, crm: Crm
+) -> None:
+    user, password = dovecot.new_user("idle")
+    contact = f"{unique('idle')}@customer.test"
+    crm.add_contacts([contact])
+    # Polling is off for the test's length, and IDLE is renewed every half second (RFC 2177's
+    # 29-minute limit, compressed): only IDLE can bring the mail in this fast.
+    h = harness(poll_interval_seconds=120, idle_refresh_seconds=0.5)
+    account = h.add_account(user, password)
+    h.wait_status(account.id, "live")
+    latencies = []
+    for i in range(5):
+        dovecot.deliver(user, "INBOX", message(f"stranger{i}@elsewhere.test", user, f"n{i}.{user}"))
+        started = time.monotonic()
+        dovecot.deliver(user, "INBOX", message(contact, user, f"c{i}.{user}"))
+        wait_for(lambda n=i: len(h.accepted(account.id)) == n + 1, timeout=10, what=f"mail {i}")
+        latencies.append(time.monotonic() - started)
+    assert max(latencies) < 2.0, latencies  # Dovecot itself waits 0.5 s before notifying
+    assert sorted(r["header_message_id"] for r in h.accepted(account.id)) == sorted(
+        f"c{i}.{user}" for i in range(5)
+    )
+
+
+def test_recreated_folder_gets_a_new_uidvalidity_and_nothing_is_logged_twice(
+    harness: Callable[..., Harness], dovecot: DovecotServer, crm: Crm
+) -> None:
+    user, password = dovecot.new_user("uidv")
+    contact = f"{unique('uidv')}@customer.test"
+    crm.add_contacts([contact])
+    dovecot.create_folder(user, "Projects")
+    raws = [message(contact, user, f"p{i}.{user}") for i in range(3)]
+    for raw in raws:
+        dovecot.deliver(user, "Projects", raw)
+    h = harness()
+    account = h.add_account(user, password, start="1m", folders=["INBOX", "Projects"])
+    wait_for(lambda: len(h.accepted(account.id)) == 3, what="the first three")
+    first = h.rows("SELECT uidvalidity FROM mail_folder WHERE name = 'Projects'")[0]
+
+    # The folder is deleted and made again (a restore, a migration): RFC 3501 says every UID
+    # is void. The same three mails come back, plus one new one.
+    dovecot.delete_folder(user, "Projects")
+    dovecot.create_folder(user, "Projects")
+    for raw in [*raws, message(contact, user, f"p-new.{user}")]:
+        dovecot.deliver(user, "Projects", raw)
+    wait_for(lambda: len(h.accepted(account.id)) == 4, what="the new mail only")
+    wait_for(
+        lambda: (
+            h.rows(
+                "SELECT COUNT(*) AS n FROM mail_link"
+                " WHERE folder = 'Projects' AND uidvalidity != :v",
+                v=first["uidvalidity"],
+            )[0]["n"]
+            == 4
+        ),
+        what="all four links on the new UIDVALIDITY",
+    )
+    h.wait_status(account.id, "live")
+    ids = [r["header_message_id"] for r in h.accepted(account.id)]
+    assert sorted(ids) == sorted([f"p{i}.{user}" for i in range(3)] + [f"p-new.{user}"])
+    assert h.events("email.deleted") == []  # a reset is not a deletion
+
+
+@pytest.mark.parametrize("qresync", [True, False], ids=["qresync", "no-condstore"])
+def test_expunge_and_moves_become_deleted_and_archived_events(
+    harness: Callable[..., Harness],
+    dovecot: DovecotServer,
+    ca: TestCA,
+    crm: Crm,
+    monkeypatch: pytest.MonkeyPatch,
+    qresync: bool,
+) -> None:
+    if not qresync:
+        # The same Dovecot, seen as a server without CONDSTORE/QRESYNC (RFC 7162): changes are
+        # then found by UIDNEXT/message counts and a UID SEARCH of the logged UIDs.
+        monkeypatch.setattr(ImapConnection, "enable_qresync", lambda self: None)
+        monkeypatch.setattr(ImapConnection, "condstore", property(lambda self: False))
+    user, password = dovecot.new_user("moves")
+    contact = f"{unique('mv')}@customer.test"
+    crm.add_contacts([contact])
+    for i in range(5):
+        dovecot.deliver(user, "INBOX", message(contact, user, f"m{i}.{user}"))
+    h = harness()
+    account = h.add_account(user, password, start="1m")
+    wait_for(lambda: len(h.accepted(account.id)) == 5, what="five logged")
+    h.wait_status(account.id, "live")
+
+    client = Mailbox(dovecot, ca, user, password).client()
+    client.select_folder("INBOX")
+    uid = {
+        data[b"BODY[HEADER.FIELDS (MESSAGE-ID)]"].split(b"<")[1].split(b".")[0].decode(): u
+        for u, data in client.fetch(
+            client.search(["ALL"]), ["BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"]
+        ).items()
+    }
+    client.move([uid["m0"]], "Trash")  # deleted
+    client.move([uid["m1"]], "Archive")  # archived
+    client.delete_messages([uid["m2"]])  # expunged for good: deleted
+    client.expunge()
+    client.move([uid["m3"]], "Sent")  # into another synced folder: it just moved
+    client.logout()
+
+    def events() -> dict[str, list[str]]:
+        return {
+            kind: sorted(e["message_id"] for e in h.events(f"email.{kind}"))
+            for kind in ("deleted", "archived")
+        }
+
+    wait_for(
+        lambda: events() == {"deleted": [f"m0.{user}", f"m2.{user}"], "archived": [f"m1.{user}"]},
+        what="deleted and archived events",
+        state=events,
+    )
+    assert all(e["account_id"] == account.id for e in h.events("email.deleted"))
+    wait_for(
+        lambda: (
+            h.rows("SELECT folder FROM mail_link WHERE key = :k", k=f"mid:m3.{user}")
+            == [{"folder": "Sent"}]
+        ),
+        what="the moved mail's link to follow it",
+    )
+    assert len(h.accepted(account.id)) == 5  # moving into Sent logged nothing again
+
+
+def test_changed_password_stops_after_a_few_tries_and_a_reconnect_resumes(
+    harness: Callable[..., Harness], dovecot: DovecotServer, crm: Crm
+) -> None:
+    user, password = dovecot.new_user("auth")
+    contact = f"{unique('auth')}@customer.test"
+    crm.add_contacts([contact])
+    h = harness(auth_max_failures=3)
+    account = h.add_account(user, password)
+    h.wait_status(account.id, "live")
+    dovecot.deliver(user, "INBOX", message(contact, user, f"before.{user}"))
+    wait_for(lambda: len(h.accepted(account.id)) == 1, what="the first mail")
+
+    dovecot.set_password(user, "a-new-password-42")
+    dovecot.doveadm("kick", user)  # the open session ends; the next login uses the old password
+    failed = h.wait_status(account.id, "auth_failed")
+    assert failed["auth_failures"] == 3
+    assert "refused the username or password" in failed["last_error"]
+    assert "app-specific password" in failed["last_error"]
+    changed = h.events("account.status_changed")
+    assert changed[-1]["status"] == "auth_failed" and changed[-1]["account_id"] == account.id
+    attempts_seen = failed["auth_failures"]
+    dovecot.deliver(user, "INBOX", message(contact, user, f"while-down.{user}"))
+    assert h.account(account.id)["auth_failures"] == attempts_seen  # it stopped trying
+
+    assert h.service is not None
+    h.call(h.service.update_account(account.id, AccountUpdate(password="a-new-password-42")))
+    wait_for(lambda: len(h.accepted(account.id)) == 2, what="the mail that came meanwhile")
+    h.wait_status(account.id, "live")
+    assert [e["status"] for e in h.events("account.status_changed")][-2:] == [
+        "auth_failed",
+        "live",
+    ]
+    assert sorted(r["header_message_id"] for r in h.accepted(account.id)) == [
+        f"before.{user}",
+        f"while-down.{user}",
+    ]
