@@ -48,7 +48,7 @@ from gateway.imap.connection import (
 )
 from gateway.imap.errors import AuthFailed, ImapError, ServerError, Throttled
 from gateway.imap.models import AccountStatus, MailAccount, MailFolder, MailLink
-from gateway.imap.presets import load_providers
+from gateway.imap.presets import Provider, load_providers
 from gateway.imap.sync import ACCOUNT, LINK, AccountView, Cursor
 from gateway.imap.sync import Engine as SyncEngine
 from gateway.imap.vault import SecretError, Vault
@@ -142,6 +142,76 @@ def probe(factory: ConnectionFactory, endpoint: Endpoint, password: str) -> Test
         return TestReport(ok=False, error=exc.sentence)
     finally:
         conn.logout()
+
+
+FolderState = tuple[FolderInfo, int | None, int | None]  # folder, UIDVALIDITY, UIDNEXT
+
+
+def first_look(
+    factory: ConnectionFactory, endpoint: Endpoint, password: str, chosen: list[str]
+) -> tuple[TestReport, list[FolderState]]:
+    """The creation-time test (blocking), which also notes where "now" is in each folder."""
+    try:
+        conn = factory.open(endpoint, password)
+    except ImapError as exc:
+        return TestReport(ok=False, error=exc.sentence), []
+    try:
+        folders = conn.list_folders()
+        picked, missing = choose_folders(chosen, folders)
+        if missing:
+            names = ", ".join(repr(m) for m in missing)
+            known = ", ".join(repr(f.name) for f in folders if f.selectable)
+            return TestReport(ok=False, error=f"no folder {names}; the mailbox has {known}"), []
+        states: list[FolderState] = []
+        for info in picked:
+            status = conn.status(info.name)
+            states.append((info, status.uidvalidity, status.uidnext))
+        return TestReport(ok=True), states
+    except ImapError as exc:
+        return TestReport(ok=False, error=exc.sentence), []
+    finally:
+        conn.logout()
+
+
+def validate_new(
+    session: Session, *, data: AccountCreate, vault: Vault, providers: dict[str, Provider]
+) -> MailAccount:
+    """The account ``data`` would make, checked but not stored (for the login test first)."""
+    account = accounts.new_account(session, data=data, vault=vault, providers=providers)
+    session.expunge(account)
+    session.rollback()
+    return account
+
+
+def store_new(
+    session: Session,
+    *,
+    data: AccountCreate,
+    vault: Vault,
+    providers: dict[str, Provider],
+    draft: MailAccount,
+    states: list[FolderState],
+) -> MailAccount:
+    """Store a tested account and its folders' starting cursors."""
+    account = accounts.new_account(
+        session, data=data, vault=vault, providers=providers, now=draft.created_at
+    )
+    account.id = draft.id
+    session.flush()
+    for info, uidvalidity, uidnext in states:
+        # "Start now" means from this moment: the cursor starts at the UIDNEXT of the test.
+        now = data.start == "now" and uidvalidity is not None and uidnext is not None
+        session.add(
+            MailFolder(
+                account_id=account.id,
+                name=info.name,
+                special_use=info.special_use,
+                uidvalidity=uidvalidity if now else None,
+                last_uid=uidnext - 1 if now and uidnext is not None else 0,
+                updated_at=time.time(),
+            )
+        )
+    return account
 
 
 class ImapService:
@@ -318,73 +388,49 @@ class ImapService:
     async def add_account(self, data: AccountCreate, *, test: bool = True) -> AccountPublic:
         """Validate, test the login (unless ``test`` is False), store and start syncing."""
         vault = self.vault
-
-        def validate(session: Session) -> MailAccount:
-            account = accounts.new_account(
-                session, data=data, vault=vault, providers=self.providers
-            )
-            session.rollback()  # only validated here; stored after the test
-            return account
-
-        draft = await self.session(validate)
-        folder_states: list[tuple[FolderInfo, int | None, int | None]] = []
+        draft = await self.session(
+            lambda session: validate_new(session, data=data, vault=vault, providers=self.providers)
+        )
+        states: list[FolderState] = []
         if test:
-            report, folder_states = await self.io(
-                self._first_look, accounts.endpoint_of(draft, self.providers), data, draft
+            endpoint = accounts.endpoint_of(draft, self.providers)
+            report, states = await self.io(
+                first_look,
+                self.factory,
+                endpoint,
+                data.password.get_secret_value(),
+                list(draft.folders),
             )
             if not report.ok:
                 raise AccountError(report.error or "the login failed", status=422)
-
-        def store(session: Session) -> MailAccount:
-            account = accounts.new_account(
-                session, data=data, vault=vault, providers=self.providers, now=draft.created_at
-            )
-            account.id = draft.id
-            session.flush()
-            for info, uidvalidity, uidnext in folder_states:
-                # "start now" means from this moment: the cursor starts at today's UIDNEXT.
-                start_now = data.start == "now" and uidvalidity is not None and uidnext
-                session.add(
-                    MailFolder(
-                        account_id=account.id,
-                        name=info.name,
-                        special_use=info.special_use,
-                        uidvalidity=uidvalidity if start_now else None,
-                        last_uid=(uidnext - 1) if start_now and uidnext else 0,
-                        updated_at=time.time(),
-                    )
-                )
-            return account
-
-        account = await self.session(store, commit=True)
+        account = await self.session(
+            lambda session: store_new(
+                session,
+                data=data,
+                vault=vault,
+                providers=self.providers,
+                draft=draft,
+                states=states,
+            ),
+            commit=True,
+        )
         if self.settings.enabled:
             await self.reconcile()
         return await self.get_account(account.id)
 
-    def _first_look(
-        self, endpoint: Endpoint, data: AccountCreate, draft: MailAccount
-    ) -> tuple[TestReport, list[tuple[FolderInfo, int | None, int | None]]]:
-        """The creation-time test, which also notes where "now" is in each chosen folder."""
-        try:
-            conn = self.factory.open(endpoint, data.password.get_secret_value())
-        except ImapError as exc:
-            return TestReport(ok=False, error=exc.sentence), []
-        try:
-            folders = conn.list_folders()
-            picked, missing = choose_folders(list(draft.folders), folders)
-            if missing:
-                names = ", ".join(repr(m) for m in missing)
-                known = ", ".join(repr(f.name) for f in folders if f.selectable)
-                return TestReport(ok=False, error=f"no folder {names}; the mailbox has {known}"), []
-            states: list[tuple[FolderInfo, int | None, int | None]] = []
-            for info in picked:
-                status = conn.status(info.name)
-                states.append((info, status.uidvalidity, status.uidnext))
-            return TestReport(ok=True), states
-        except ImapError as exc:
-            return TestReport(ok=False, error=exc.sentence), []
-        finally:
-            conn.logout()
+    async def test_new(self, data: AccountCreate) -> TestReport:
+        """Try a set-up before adding it: log in, list folders with counts."""
+        draft = await self.session(
+            lambda session: validate_new(
+                session, data=data, vault=self.vault, providers=self.providers
+            )
+        )
+        return await self.io(
+            probe,
+            self.factory,
+            accounts.endpoint_of(draft, self.providers),
+            data.password.get_secret_value(),
+        )
 
     async def list_accounts(self, *, owner: str | None = None) -> list[AccountPublic]:
         def read(session: Session) -> list[AccountPublic]:
@@ -475,7 +521,12 @@ class ImapService:
                 conn.logout()
 
         async with self.extra_connection(account):
-            destination = await self.io(act)
+            try:
+                destination = await self.io(act)
+            except ImapError as exc:
+                raise AccountError(
+                    f"the mailbox could not be changed: {exc.sentence}", status=502
+                ) from None
 
         def forget(connection: Connection) -> None:
             # The CRM asked for this: no email.deleted/archived echo when the sync notices.

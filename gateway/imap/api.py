@@ -1,0 +1,132 @@
+"""The admin API's mailbox routes: connect, list, test, change, disconnect, and CRM actions.
+
+``POST /api/v1/accounts`` tests the login before storing anything (``?test=false`` skips that),
+so a wrong password is a 422 with the sentence that explains it, never a stored account that
+fails later. No response model has a field for the password; requests carry it as a
+``SecretStr``. Every route needs an admin token and talks to ``context.services["imap"]``.
+
+=======  ===================================  =============================================
+POST     /api/v1/accounts                     connect a mailbox (201; 422 when the login fails)
+POST     /api/v1/accounts/test                try a set-up without storing it
+GET      /api/v1/accounts[?owner=]            the accounts, with status and last error
+GET      /api/v1/accounts/{id}                one, with each folder's cursor and progress
+POST     /api/v1/accounts/{id}/test           log in now: folders, special use, counts
+PATCH    /api/v1/accounts/{id}                enable/disable, password, sharing, folders, …
+DELETE   /api/v1/accounts/{id}                disconnect: settings, cursors and links go
+POST     /api/v1/accounts/{id}/actions        CRM to mailbox: delete or archive an email
+=======  ===================================  =============================================
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.api.deps import Admin, ApiContext, Context
+from gateway.errors import ConfigError
+from gateway.imap.accounts import AccountCreate, AccountError, AccountPublic, AccountUpdate
+from gateway.imap.service import ImapService
+
+
+class MailboxAction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message_id: str = Field(max_length=998, description="the email's Message-ID")
+    action: Literal["delete", "archive"]
+
+
+def _service(context: ApiContext) -> ImapService:
+    service = context.services.get("imap")
+    if not isinstance(service, ImapService):
+        raise HTTPException(503, "IMAP sync is not running in this gateway (see [imap] enabled)")
+    return service
+
+
+def _refused(exc: AccountError | ConfigError) -> HTTPException:
+    if isinstance(exc, ConfigError):
+        return HTTPException(503, str(exc))
+    return HTTPException(exc.status, str(exc))
+
+
+def router() -> APIRouter:
+    routes = APIRouter(prefix="/api/v1/accounts", tags=["accounts"])
+
+    @routes.post("", status_code=201)
+    async def add_account(
+        context: Context,
+        _admin: Admin,
+        data: AccountCreate,
+        test: Annotated[bool, Query(description="log in first; false stores blindly")] = True,
+    ) -> AccountPublic:
+        """Connect a mailbox: a provider preset or a custom IMAP/SMTP set-up."""
+        try:
+            return await _service(context).add_account(data, test=test)
+        except (AccountError, ConfigError) as exc:
+            raise _refused(exc) from None
+
+    @routes.post("/test")
+    async def try_setup(context: Context, _admin: Admin, data: AccountCreate) -> dict[str, Any]:
+        """Log in with a set-up without storing it; ``ok`` false carries the reason in words."""
+        try:
+            report = await _service(context).test_new(data)
+        except (AccountError, ConfigError) as exc:
+            raise _refused(exc) from None
+        return report.as_dict()
+
+    @routes.get("")
+    async def list_accounts(
+        context: Context,
+        _admin: Admin,
+        owner: Annotated[str | None, Query(max_length=320)] = None,
+    ) -> dict[str, list[AccountPublic]]:
+        return {"accounts": await _service(context).list_accounts(owner=owner)}
+
+    @routes.get("/{account_id}")
+    async def get_account(context: Context, _admin: Admin, account_id: str) -> AccountPublic:
+        try:
+            return await _service(context).get_account(account_id)
+        except AccountError as exc:
+            raise _refused(exc) from None
+
+    @routes.post("/{account_id}/test")
+    async def check_account(context: Context, _admin: Admin, account_id: str) -> dict[str, Any]:
+        try:
+            report = await _service(context).test_account(account_id)
+        except (AccountError, ConfigError) as exc:
+            raise _refused(exc) from None
+        return report.as_dict()
+
+    @routes.patch("/{account_id}")
+    async def update_account(
+        context: Context, _admin: Admin, account_id: str, patch: AccountUpdate
+    ) -> AccountPublic:
+        """Disable (pause) or enable, a new password (reconnect), sharing, folders, mode."""
+        try:
+            return await _service(context).update_account(account_id, patch)
+        except (AccountError, ConfigError) as exc:
+            raise _refused(exc) from None
+
+    @routes.delete("/{account_id}")
+    async def delete_account(context: Context, _admin: Admin, account_id: str) -> dict[str, Any]:
+        """Disconnect: stop syncing and delete the settings and cursor (logged mail stays)."""
+        try:
+            await _service(context).delete_account(account_id)
+        except AccountError as exc:
+            raise _refused(exc) from None
+        return {"id": account_id, "disconnected": True}
+
+    @routes.post("/{account_id}/actions")
+    async def mailbox_action(
+        context: Context, _admin: Admin, account_id: str, action: MailboxAction
+    ) -> dict[str, Any]:
+        """Delete (to Trash) or archive a logged email in the mailbox, if the account allows."""
+        try:
+            return await _service(context).mailbox_action(
+                account_id, action.message_id, action.action
+            )
+        except (AccountError, ConfigError) as exc:
+            raise _refused(exc) from None
+
+    return routes
