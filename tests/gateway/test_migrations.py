@@ -37,7 +37,8 @@ def test_bodies_move_to_their_own_table_with_the_data(db_url: str) -> None:
             text(
                 "INSERT INTO message (id, source, state, mail_from, rcpt_tos, raw, prepend, size, "
                 "steps_done, attempts, created_at, updated_at, next_attempt_at, meta) VALUES "
-                "('m1', 'submission', 'queued', 'a@b.test', '[]', :raw, :empty, 3, '[]', 0, 1, 1, 1, "
+                "('m1', 'submission', 'queued', 'a@b.test', '[]', :raw, :empty, 3, '[]', "
+                "0, 1, 1, 1, "
                 "'{}')"
             ),
             {"raw": b"abc", "empty": b""},
