@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cryptography.fernet import Fernet
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
@@ -284,6 +285,10 @@ def cmd_init(args: argparse.Namespace) -> int:
                 update={
                     "server": defaults.server.model_copy(update={"hostname": hostname}),
                     "hooks": hooks,
+                    # Mailbox passwords are encrypted at rest with this key (Fernet).
+                    "imap": defaults.imap.model_copy(
+                        update={"secret_key": Fernet.generate_key().decode("ascii")}
+                    ),
                 }
             )
         )
