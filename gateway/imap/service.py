@@ -744,7 +744,7 @@ class AccountRunner:
                     continue
             if poll_all:
                 next_poll = loop.time() + svc.settings.poll_interval_seconds
-            if loop.time() - last_mark > 5.0:
+            if loop.time() - last_mark > 1.0:
                 last_mark = loop.time()
                 await self._status(AccountStatus.LIVE, synced=True)
             if self._wake.is_set():
