@@ -69,6 +69,9 @@ class MailAccount(GatewayTable, table=True):
     last_error: str | None = None
     last_error_at: float | None = None
     auth_failures: int = 0
+    # Which gateway process syncs this account (several may share a database), and until when.
+    lease_owner: str | None = Field(default=None, max_length=64)
+    lease_expires_at: float | None = None
     created_at: float
     updated_at: float
 

@@ -265,6 +265,7 @@ class ImapService:
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._initial: asyncio.Semaphore | None = None
         self._reconciler: asyncio.Task[None] | None = None
+        self.lease_seconds = max(60.0, 4 * self.settings.reload_interval_seconds)
         self.status_gauge = Gauge(
             "mailgate_imap_accounts",
             "Connected mailboxes by sync status",
@@ -298,6 +299,18 @@ class ImapService:
                 await self._reconciler
         await asyncio.gather(*(r.stop() for r in self.runners.values()))
         self.runners.clear()
+        me = self.store.owner
+
+        def release(connection: Connection) -> None:
+            # Another process may take these accounts over at once instead of after expiry.
+            connection.execute(
+                update(ACCOUNT)
+                .where(ACCOUNT.c.lease_owner == me)
+                .values(lease_owner=None, lease_expires_at=None)
+            )
+
+        with contextlib.suppress(StoreError):
+            await self.store.committer.write(release)
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def io(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -318,21 +331,41 @@ class ImapService:
         return await asyncio.to_thread(run)
 
     async def reconcile(self) -> None:
-        """Start runners for new accounts, stop them for deleted ones, wake changed ones
-        (changes made with the CLI reach a running gateway this way)."""
+        """Claim accounts, start runners for new ones, stop them for deleted (or lost) ones, and
+        wake changed ones (changes made with the CLI reach a running gateway this way).
 
-        def read(connection: Connection) -> list[tuple[str, float, str]]:
-            rows = connection.execute(select(ACCOUNT.c.id, ACCOUNT.c.updated_at, ACCOUNT.c.status))
-            return [(r[0], float(r[1]), r[2]) for r in rows]
+        Several gateway processes may share the database: each account is synced by the one
+        process holding its lease (renewed here; a dead process's leases expire after
+        ``lease_seconds``), so no mailbox is synced twice or gets more connections than allowed.
+        """
+        me, now = self.store.owner, time.time()
+        expires = now + self.lease_seconds
 
-        rows = await self.store.committer.read(read)
+        def claim(connection: Connection) -> list[tuple[str, float, str, str | None]]:
+            connection.execute(
+                update(ACCOUNT)
+                .where(
+                    (ACCOUNT.c.lease_owner.is_(None))
+                    | (ACCOUNT.c.lease_owner == me)
+                    | (ACCOUNT.c.lease_expires_at < now)
+                )
+                .values(lease_owner=me, lease_expires_at=expires)
+            )
+            rows = connection.execute(
+                select(ACCOUNT.c.id, ACCOUNT.c.updated_at, ACCOUNT.c.status, ACCOUNT.c.lease_owner)
+            )
+            return [(r[0], float(r[1]), r[2], r[3]) for r in rows]
+
+        everything = await self.store.committer.write(claim)
+        rows = [(a, u, s) for a, u, s, owner in everything if owner == me]
         present = {account_id for account_id, _, _ in rows}
         for account_id in list(self.runners):
             if account_id not in present:
                 await self.runners.pop(account_id).stop()
         counts: dict[str, int] = {}
-        for account_id, updated_at, status in rows:
+        for _account_id, _updated, status, _owner in everything:
             counts[status] = counts.get(status, 0) + 1
+        for account_id, updated_at, _status in rows:
             runner = self.runners.get(account_id)
             if runner is None:
                 runner = self.runners[account_id] = AccountRunner(self, account_id)

@@ -158,6 +158,7 @@ class Harness:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.service: ImapService | None = None
+        self.running = False
 
     def call(self, coroutine: Any, timeout: float = 60) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=timeout)
@@ -184,15 +185,17 @@ class Harness:
             on_accepted=self.accepted_ids.append,
         )
         await self.service.start()
+        self.running = True
 
     def stop(self) -> None:
-        if self.service is not None:
+        if self.running:
             self.call(self._stop())
-            self.service = None
+            self.running = False
 
     async def _stop(self) -> None:
-        assert self.service is not None
-        await self.service.stop()
+        if self.service is not None:
+            await self.service.stop()
+            self.service = None
         await self.http.aclose()
         await self.committer.stop()
 

@@ -9,6 +9,10 @@ import pytest
 
 from gateway.imap.accounts import AccountUpdate
 from gateway.imap.connection import ImapConnection
+from gateway.imap.service import ImapService
+from gateway.metrics import Metrics
+from gateway.store.queue import Store
+from hooks.webhooks import Outbox
 from tests.imap.conftest import Crm, Harness, Mailbox, unique, wait_for
 from tests.imap.mailbox import Mail, MailboxSpec, make_mails, write_maildir
 from tests.servers.certs import TestCA
@@ -254,3 +258,35 @@ def test_changed_password_stops_after_a_few_tries_and_a_reconnect_resumes(
         f"before.{user}",
         f"while-down.{user}",
     ]
+
+
+def test_two_gateway_processes_never_sync_the_same_mailbox(
+    harness: Callable[..., Harness], dovecot: DovecotServer, crm: Crm
+) -> None:
+    h = harness()
+    ids = []
+    for _ in range(3):
+        user, password = dovecot.new_user("lease")
+        ids.append(h.add_account(user, password).id)
+    assert h.service is not None
+    # A second process on the same database: its own store owner, the same accounts table.
+    second = ImapService(
+        settings=h.settings,
+        store=Store(h.db, h.committer, lease_seconds=60, owner="process-two"),
+        engine=h.db,
+        crm=h.crm_client,
+        outbox=Outbox(),
+        metrics=Metrics(),
+        on_accepted=lambda _id: None,
+    )
+    h.call(second.start())
+    try:
+        for account_id in ids:
+            h.wait_status(account_id, "live")
+        assert set(h.service.runners) == set(ids) and second.runners == {}
+        h.call(h.service.stop())  # the first process goes away (its leases are released)
+        wait_for(lambda: set(second.runners) == set(ids), what="the second to take over")
+        owners = {r["lease_owner"] for r in h.rows("SELECT lease_owner FROM mail_account")}
+        assert owners == {"process-two"}
+    finally:
+        h.call(second.stop())

@@ -56,6 +56,8 @@ def upgrade() -> None:
         sa.Column("last_error", sa.String(), nullable=True),
         sa.Column("last_error_at", sa.Float(), nullable=True),
         sa.Column("auth_failures", sa.Integer(), nullable=False),
+        sa.Column("lease_owner", sa.String(length=64), nullable=True),
+        sa.Column("lease_expires_at", sa.Float(), nullable=True),
         sa.Column("created_at", sa.Float(), nullable=False),
         sa.Column("updated_at", sa.Float(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
