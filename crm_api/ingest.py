@@ -77,12 +77,19 @@ def _in(column: sa.ColumnElement[Any], name: str) -> sa.ColumnElement[bool]:
 
 # Built once: SQLAlchemy then only looks their compiled form up in its cache.
 Q_SEEN = sa.select(EVENT.c.webhook_id).where(_in(EVENT.c.webhook_id, "ids"))
-Q_EMAILS = sa.select(EMAIL.c.message_id, EMAIL.c.id, EMAIL.c.thread_id).where(
-    _in(EMAIL.c.message_id, "mids")
+# The thread's subject key and last date come along: the batch needs them to choose a
+# subject-and-participants fallback exactly as one event at a time would.
+Q_EMAILS = (
+    sa.select(
+        EMAIL.c.message_id, EMAIL.c.id, EMAIL.c.thread_id, THREAD.c.subject_key, THREAD.c.last_date
+    )
+    .join(THREAD, THREAD.c.id == EMAIL.c.thread_id)
+    .where(_in(EMAIL.c.message_id, "mids"))
 )
 Q_CHILDREN = (
-    sa.select(REF.c.ref_message_id, EMAIL.c.thread_id)
+    sa.select(REF.c.ref_message_id, EMAIL.c.thread_id, THREAD.c.subject_key, THREAD.c.last_date)
     .join(EMAIL, EMAIL.c.id == REF.c.email_id)
+    .join(THREAD, THREAD.c.id == EMAIL.c.thread_id)
     .where(_in(REF.c.ref_message_id, "mids"))
 )
 Q_CONTACTS = sa.select(ADDRESS.c.address, ADDRESS.c.contact_id).where(
@@ -97,13 +104,14 @@ Q_SELECTED = sa.select(SELECTION.c.account_id, SELECTION.c.address).where(
     _in(SELECTION.c.account_id, "ids")
 )
 Q_LINKS = sa.select(LINK.c.email_id, LINK.c.account_id).where(_in(LINK.c.email_id, "eids"))
+# Every (thread, participant address) pair for the batch's subject keys and addresses, for
+# all of its fallback lookups at once.
 Q_FALLBACK = (
-    sa.select(THREAD.c.id)
+    sa.select(THREAD.c.id, THREAD.c.subject_key, THREAD.c.last_date, PART.c.address)
+    .distinct()
     .join(EMAIL, EMAIL.c.thread_id == THREAD.c.id)
     .join(PART, PART.c.email_id == EMAIL.c.id)
-    .where(THREAD.c.subject_key == sa.bindparam("key"), _in(PART.c.address, "addrs"))
-    .order_by(THREAD.c.last_date.desc())
-    .limit(1)
+    .where(_in(THREAD.c.subject_key, "keys"), _in(PART.c.address, "addrs"))
 )
 Q_ORG = sa.select(ORG).where(ORG.c.id == 1)
 INSERT_EMAILS = sa.insert(EMAIL).returning(EMAIL.c.id, sort_by_parameter_order=True)
@@ -219,6 +227,14 @@ class _Batch:
         self.company = set(json.loads(org["company_domains"])) if org else set()
         self.excluded = (set(json.loads(org["excluded_domains"])) if org else set()) | self.company
         self.groups = set(json.loads(org["group_local_parts"])) if org else set()
+        # The threads this batch has seen: subject key and last date as stored before it.
+        self.thread_keys: dict[int, str] = {}
+        self.thread_dates: dict[int, datetime] = {}
+        # Fallback candidates read ahead for the batch: (subject key, address) -> threads, for
+        # the keys and addresses in ``fb_keys`` x ``fb_addrs``; None once a merge made it stale.
+        self.fb: dict[tuple[str, str], set[int]] | None = None
+        self.fb_keys: set[str] = set()
+        self.fb_addrs: set[str] = set()
 
     def store(self, items: Sequence[Item]) -> list[Outcome]:
         ids = [i.webhook_id for i in items]
@@ -292,15 +308,16 @@ class _Batch:
         self._accounts(events)
         mids = [normalise_message_id(e.message_id) for e in events]
         refs = [self._refs(e, mid) for e, mid in zip(events, mids, strict=True)]
-        known = {
-            row.message_id: (row.id, row.thread_id)
-            for row in self.conn.execute(
-                Q_EMAILS, {"mids": sorted({*mids, *(r for rs in refs for r in rs)})}
-            )
-        }
+        known: dict[str, tuple[int, int]] = {}
+        for row in self.conn.execute(
+            Q_EMAILS, {"mids": sorted({*mids, *(r for rs in refs for r in rs)})}
+        ):
+            known[row.message_id] = (row.id, row.thread_id)
+            self._saw_thread(row.thread_id, row.subject_key, row.last_date)
         children: dict[str, set[int]] = defaultdict(set)
-        for ref, thread_id in self.conn.execute(Q_CHILDREN, {"mids": mids}):
+        for ref, thread_id, key, last in self.conn.execute(Q_CHILDREN, {"mids": mids}):
             children[ref].add(thread_id)
+            self._saw_thread(thread_id, key, last)
         parties = [self._parties(e) for e in events]
         addresses = sorted(
             {a for ps in parties for _, _, a in ps} | {self._owner(e) for e in events}
@@ -308,6 +325,7 @@ class _Batch:
         contacts = {a: c for a, c in self.conn.execute(Q_CONTACTS, {"addrs": addresses})}
         users = {e: i for e, i in self.conn.execute(Q_USERS, {"addrs": addresses})}
         insiders = set(users) | set(self.conn.execute(Q_OWNERS, {"addrs": addresses}).scalars())
+        self._read_fallbacks(events, mids, refs, parties, known, children, insiders)
 
         pending: dict[str, _Pending] = {}
         links: list[tuple[int | _Pending, str]] = []
@@ -320,12 +338,11 @@ class _Batch:
                 target = pending[mid]
             else:
                 owner = self._owner(ev)
-                inside = insiders | {owner}
-                outsiders = [
-                    a for _, _, a in ps if a not in inside and not in_domains(a, self.company)
-                ]
-                self._auto_create(ev, ps, contacts, inside, users.get(owner))
-                thread_id = self._thread(ev, mid, keys, known, pending, children, outsiders, ps)
+                outsiders = self._outsiders(ev, ps, insiders)
+                self._auto_create(ev, ps, contacts, insiders | {owner}, users.get(owner))
+                thread_id = self._thread(
+                    ev, mid, keys, known, pending, children, outsiders, ps, newest
+                )
                 newest[thread_id] = max(newest.get(thread_id, ev.date), ev.date)
                 target = pending[mid] = _Pending(
                     item=item,
@@ -399,6 +416,89 @@ class _Batch:
         _bulk_insert(
             conn, EVENT, [self._event_row(item, email_id(t), None) for item, t in event_rows]
         )
+
+    def _saw_thread(self, thread_id: int, key: str, last: datetime) -> None:
+        self.thread_keys[thread_id] = key
+        self.thread_dates[thread_id] = last.replace(tzinfo=UTC) if last.tzinfo is None else last
+
+    def _match(
+        self, ev: EmailLogged, outsiders: list[str], parties: list[tuple[str, str, str]]
+    ) -> list[str]:
+        """The addresses a fallback lookup looks for: the outside parties, else all but the
+        account's owner."""
+        return (outsiders or [a for _, _, a in parties if a != self._owner(ev)])[:200]
+
+    def _outsiders(
+        self, ev: EmailLogged, parties: list[tuple[str, str, str]], insiders: set[str]
+    ) -> list[str]:
+        inside = insiders | {self._owner(ev)}
+        return [a for _, _, a in parties if a not in inside and not in_domains(a, self.company)]
+
+    def _read_fallbacks(
+        self,
+        events: list[EmailLogged],
+        mids: list[str],
+        refs: list[list[str]],
+        parties: list[list[tuple[str, str, str]]],
+        known: dict[str, tuple[int, int]],
+        children: dict[str, set[int]],
+        insiders: set[str],
+    ) -> None:
+        """One query for the stored side of every fallback lookup the batch may make: those of
+        the new emails with no stored relative (a relative stored in this batch only makes the
+        lookup unnecessary)."""
+        keys: set[str] = set()
+        addrs: set[str] = set()
+        for ev, mid, rs, ps in zip(events, mids, refs, parties, strict=True):
+            if mid in known or mid in children or any(r in known for r in rs):
+                continue
+            subject = subject_key(ev.subject)
+            match = self._match(ev, self._outsiders(ev, ps, insiders), ps)
+            if subject and match:
+                keys.add(subject)
+                addrs.update(match)
+        self.fb, self.fb_keys, self.fb_addrs = {}, keys, addrs
+        if not keys:
+            return
+        rows = self.conn.execute(Q_FALLBACK, {"keys": sorted(keys), "addrs": sorted(addrs)})
+        for thread_id, key, last, address in rows:
+            self.fb.setdefault((key, address), set()).add(thread_id)
+            self._saw_thread(thread_id, key, last)
+
+    def _fallback(
+        self,
+        key: str,
+        match: list[str],
+        pending: dict[str, _Pending],
+        newest: dict[int, datetime],
+    ) -> int | None:
+        """The thread with subject key ``key`` and a participant in ``match`` that was active
+        last (the stored emails and this batch's alike), as if each event had its own
+        transaction; None when there is none."""
+        found: set[int] = set()
+        if self.fb is not None and key in self.fb_keys and self.fb_addrs.issuperset(match):
+            for address in match:
+                found |= self.fb.get((key, address), set())
+        else:
+            for thread_id, k, last, _ in self.conn.execute(
+                Q_FALLBACK, {"keys": [key], "addrs": match}
+            ):
+                found.add(thread_id)
+                self._saw_thread(thread_id, k, last)
+        wanted = set(match)
+        for p in pending.values():
+            if self.thread_keys.get(p.thread_id) == key and any(
+                a in wanted for *_, a, _ in p.parties
+            ):
+                found.add(p.thread_id)
+        if not found:
+            return None
+
+        def active(thread_id: int) -> tuple[datetime, int]:
+            last = self.thread_dates[thread_id]
+            return max(last, newest.get(thread_id, last)), thread_id
+
+        return max(found, key=active)
 
     @staticmethod
     def _owner(ev: EmailLogged) -> str:
@@ -548,6 +648,7 @@ class _Batch:
         children: dict[str, set[int]],
         outsiders: list[str],
         parties: list[tuple[str, str, str]],
+        newest: dict[int, datetime],
     ) -> int:
         parents: list[int] = []
         for key in reversed(keys):  # In-Reply-To first, then the newest References
@@ -557,10 +658,10 @@ class _Batch:
                 parents.append(known[key][1])
         candidates = list(dict.fromkeys([*parents, *sorted(children.get(mid, ()))]))
         subject = subject_key(ev.subject)
-        match = outsiders or [a for _, _, a in parties if a != self._owner(ev)]
+        match = self._match(ev, outsiders, parties)
         if not candidates and subject and match:
             # Fallback for clients that drop References: same subject, a shared participant.
-            found = self.conn.execute(Q_FALLBACK, {"key": subject, "addrs": match[:200]}).scalar()
+            found = self._fallback(subject, match, pending, newest)
             if found is not None:
                 candidates = [found]
         if not candidates:
@@ -573,6 +674,7 @@ class _Batch:
                     "created_at": utcnow(),
                 },
             ).scalar_one()
+            self._saw_thread(thread_id, subject, ev.date)
             return thread_id
         target, merged = candidates[0], [t for t in candidates[1:] if t != candidates[0]]
         if merged:
@@ -586,6 +688,13 @@ class _Batch:
             self.conn.execute(sa.delete(THREAD).where(THREAD.c.id.in_(merged)))
             if last is not None:
                 self.conn.execute(TOUCH_THREAD, {"tid": target, "newest": last})
+                self.thread_dates[target] = max(self.thread_dates.get(target, last), last)
+            # The merged threads' emails of this batch now make the target's date.
+            for m in merged:
+                if m in newest:
+                    moved = newest.pop(m)
+                    newest[target] = max(newest.get(target, moved), moved)
+            self.fb = None  # the stored side moved: look it up afresh from now on
             for p in pending.values():
                 if p.thread_id in merged:
                     p.thread_id = target

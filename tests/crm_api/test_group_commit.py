@@ -137,3 +137,53 @@ def test_a_late_middle_ancestor_joins_the_whole_chain(tmp_path: Path) -> None:
         db, "SELECT max(n) FROM (SELECT count(*) AS n FROM email_reference GROUP BY email_id) AS t"
     ) == [(3,)]
     db.dispose()
+
+
+def test_the_subject_fallback_in_a_batch_matches_one_event_at_a_time(tmp_path: Path) -> None:
+    """Mail without References finds its thread by subject and a shared participant, whether
+    the thread's other mail was stored earlier or earlier in the same batch, and the thread
+    chosen is the one active last, counting this batch's mail."""
+    owner = f"ann@{COMPANY}"
+
+    def message(n: int, subject: str, to: str, day: int) -> dict[str, Any]:
+        return email_data(
+            owner=owner,
+            to=[to],
+            message_id=f"<fb{n}@x>",
+            subject=subject,
+            date=f"2026-01-{day:02d}T00:00:00Z",
+        )
+
+    stored = [
+        message(1, "Offer", "p@client.example", 1),
+        message(2, "Offer", "q@client.example", 2),
+    ]
+    batch = [
+        message(3, "Offer", "p@client.example", 5),  # p's thread is now the newest
+        message(4, "Re: Offer", "p@client.example", 6),
+        message(5, "Quote", "r@client.example", 7),
+        message(6, "Quote", "r@client.example", 8),  # its thread exists only in this batch
+        message(7, "Offer", "q@client.example", 9),
+    ]
+
+    def threads(db: Database) -> list[Any]:
+        return rows(db, "SELECT message_id, thread_id FROM email ORDER BY message_id")
+
+    results = []
+    for batched in (False, True):
+        db = database(tmp_path / str(batched))
+        for n, data in enumerate(stored):
+            ingest.store(engine=db.engine, items=[item("email.logged", data, f"s{n}")])
+        items = [item("email.logged", data, f"b{n}") for n, data in enumerate(batch)]
+        if batched:
+            assert ingest.store(engine=db.engine, items=items) == ["stored"] * len(items)
+        else:
+            for one in items:
+                assert ingest.store(engine=db.engine, items=[one]) == ["stored"]
+        results.append(threads(db))
+        db.dispose()
+    assert results[0] == results[1]
+    by_mid = dict(results[1])
+    assert by_mid["fb1@x"] == by_mid["fb3@x"] == by_mid["fb4@x"]
+    assert by_mid["fb2@x"] == by_mid["fb7@x"] != by_mid["fb1@x"]
+    assert by_mid["fb5@x"] == by_mid["fb6@x"]
