@@ -82,10 +82,13 @@ class CaptureHandler:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        verdict = policy.sender(address)
+        # aiosmtpd reports the null reverse-path (RFC 5321 §4.5.5) as "<>"; it is kept so,
+        # since aiosmtpd takes an empty mail_from for "no MAIL yet" at RCPT.
+        null = address in ("", "<>")
+        verdict = policy.sender("" if null else address)
         if verdict is not Verdict.ACCEPT:
             return self._refuse(verdict)
-        envelope.mail_from = address
+        envelope.mail_from = "<>" if null else address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Sender OK"
 
@@ -133,9 +136,10 @@ class CaptureHandler:
             return self._refuse(claim.verdict)  # no DNS spent on mail nobody could own
         peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer or "")
         helo = session.host_name or ""
+        mail_from = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
         try:
             verdicts = await self.checker.verify_async(
-                raw, ip=peer, helo=helo, mail_from=envelope.mail_from or ""
+                raw, ip=peer, helo=helo, mail_from=mail_from
             )
         except TemporaryFailure as exc:
             log.warning("capture from %s: checks did not finish: %s", peer, exc)
@@ -168,7 +172,7 @@ class CaptureHandler:
         }
         message = NewMessage(
             source=Source.CAPTURE.value,
-            mail_from=envelope.mail_from or "",
+            mail_from=mail_from,
             rcpt_tos=list(envelope.rcpt_tos),
             raw=raw,
             username=decision.owner,
