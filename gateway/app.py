@@ -22,9 +22,14 @@ from sqlmodel import Session
 
 from gateway.api.app import create_api
 from gateway.api.deps import ApiContext
+from gateway.capture.api import router as capture_routes
+from gateway.capture.door import CaptureListener, build_capture_listener
+from gateway.capture.steps import IdentifyOwner, UnwrapForward
 from gateway.dkim import DkimSigner
 from gateway.dns import make_resolver
 from gateway.errors import ConfigError
+from gateway.imap.api import router as imap_routes
+from gateway.imap.service import ImapService
 from gateway.metrics import Metrics
 from gateway.pipeline import Step, build_pipelines
 from gateway.relay import Relay
@@ -64,6 +69,8 @@ class Mailgate:
         self.engine = make_engine(settings.database.url)
         self.metrics = Metrics()
         self.listener: SmtpListener | None = None
+        self.capture: CaptureListener | None = None
+        self.imap: ImapService | None = None
         self.http: list[_EmbeddedUvicorn] = []
         self._http_tasks: list[asyncio.Task[None]] = []
         self.extra_apps: list[tuple[Any, str, int]] = []  # (ASGI app, host, port), e.g. the CRM
@@ -95,6 +102,10 @@ class Mailgate:
                 sharing=settings.hooks.submission_sharing, addresses_of=self._addresses_of
             ),
             identify_account=IdentifyAccount(),
+            capture=(
+                IdentifyOwner(store=self.store, settings=settings.capture),
+                UnwrapForward(settings=settings.capture),
+            ),
             hooks=hooks,
         )
         self.worker = Worker(
@@ -106,6 +117,17 @@ class Mailgate:
             metrics=self.metrics,
         )
         await self.worker.start()
+        if settings.imap.enabled:
+            self.imap = ImapService(
+                settings=settings,
+                store=self.store,
+                engine=self.engine,
+                crm=self.crm,
+                outbox=self.outbox,
+                metrics=self.metrics,
+                on_accepted=self.worker.wake,
+            )
+            await self.imap.start()
 
         if settings.api.enabled:
             api = create_api(
@@ -115,9 +137,9 @@ class Mailgate:
                     metrics=self.metrics,
                     wake=self.worker.wake,
                     link_secret=settings.hooks.link_secret,
-                    services={"dispatcher": self.dispatcher},
+                    services={"dispatcher": self.dispatcher, "imap": self.imap},
                 ),
-                routers=[webhook_routes()],
+                routers=[webhook_routes(), capture_routes(), imap_routes()],
             )
             await self._serve_http(api, settings.api.listen, settings.api.port)
         for app, host, port in self.extra_apps:
@@ -144,6 +166,19 @@ class Mailgate:
                 ),
             )
             await self.listener.start(reuse_port=self.reuse_port)
+        if settings.capture.enabled:
+            cert = settings.submission
+            self.capture = build_capture_listener(
+                settings,
+                self.store,
+                self.engine,
+                self.metrics,
+                self.worker.wake,
+                server_tls_context(cert.cert_file, cert.key_file)
+                if cert.cert_file.exists()
+                else None,
+            )
+            await self.capture.start()
         self.worker.wake()  # anything left from before a restart starts now
 
     async def _start_hooks(self) -> tuple[Step, ...]:
@@ -223,6 +258,10 @@ class Mailgate:
     async def stop(self) -> None:
         if self.listener is not None:
             await self.listener.stop()
+        if self.capture is not None:
+            await self.capture.stop()
+        if self.imap is not None:
+            await self.imap.stop()
         for server in self.http:
             server.should_exit = True
         if self._http_tasks:
