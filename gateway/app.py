@@ -22,6 +22,7 @@ from sqlmodel import Session
 
 from gateway.api.app import create_api
 from gateway.api.deps import ApiContext
+from gateway.capture.api import CaptureService
 from gateway.capture.api import router as capture_routes
 from gateway.capture.door import CaptureListener, build_capture_listener
 from gateway.capture.steps import IdentifyOwner, UnwrapForward
@@ -137,7 +138,11 @@ class Mailgate:
                     metrics=self.metrics,
                     wake=self.worker.wake,
                     link_secret=settings.hooks.link_secret,
-                    services={"dispatcher": self.dispatcher, "imap": self.imap},
+                    services={
+                        "dispatcher": self.dispatcher,
+                        "imap": self.imap,
+                        "capture": CaptureService(settings=settings),
+                    },
                 ),
                 routers=[webhook_routes(), capture_routes(), imap_routes()],
             )
