@@ -219,7 +219,7 @@ class HooksSettings(Section):
     max_body_bytes: int = opt(
         256 * 1024, "Text and HTML bodies above this are truncated in events (with a flag)", ge=1024
     )
-    dispatch_concurrency: int = opt(8, "Webhook POSTs in flight at once", ge=1, le=256)
+    dispatch_concurrency: int = opt(16, "Webhook POSTs in flight at once", ge=1, le=256)
     request_timeout_seconds: float = opt(10.0, "Time limit of one webhook POST", gt=0)
     max_response_bytes: int = opt(64 * 1024, "Most of a subscriber's reply that is read", ge=0)
     retry_schedule_seconds: list[float] = opt(

@@ -256,6 +256,7 @@ class Dispatcher:
         self.owner = owner or uuid.uuid4().hex[:16]
         self._tick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
         self._postgres = committer._engine.dialect.name == "postgresql"
 
     def wake(self) -> None:
@@ -265,34 +266,53 @@ class Dispatcher:
         self._task = asyncio.create_task(self._run(), name="webhook-dispatcher")
 
     async def stop(self) -> None:
+        # Requests in flight are abandoned; their leases expire and they are sent again.
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for task in list(self._inflight):
+            task.cancel()
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=5)
 
     async def _run(self) -> None:
+        # A pipeline, not rounds: whenever a request finishes, its slot is refilled, so one slow
+        # subscriber does not hold back the others and throughput does not wait on the slowest.
+        inflight = self._inflight
         while True:
-            try:
-                while await self.dispatch_once():
-                    pass
-            except Exception:
-                log.exception("webhook dispatcher failed; retrying")
+            free = self.concurrency - len(inflight)
+            due: list[_Due] = []
+            if free > 0:
+                try:
+                    due = await self._claim(free)
+                except Exception:
+                    log.exception("webhook dispatcher cannot claim work; retrying")
+            for item in due:
+                task = asyncio.create_task(self._deliver_safely(item))
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+                task.add_done_callback(lambda _t: self._tick.set())
+            if due and len(due) == free:
+                continue  # more may be due right now
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._tick.wait(), self.poll_seconds)
             self._tick.clear()
 
+    async def _deliver_safely(self, item: _Due) -> None:
+        try:
+            await self._deliver(item)
+        except Exception:
+            # The lease expires and the event is tried again; nothing is lost.
+            log.exception("webhook %s: recording the attempt failed", item.event_id)
+
     async def dispatch_once(self) -> int:
-        """Deliver one batch of due events; returns how many were attempted."""
+        """Deliver one batch of due events and wait for them; returns how many were attempted.
+
+        For tests and tools; the running dispatcher keeps its slots full instead.
+        """
         due = await self._claim(self.concurrency)
-        if not due:
-            return 0
-        slots = asyncio.Semaphore(self.concurrency)
-
-        async def one(item: _Due) -> None:
-            async with slots:
-                await self._deliver(item)
-
-        await asyncio.gather(*(one(item) for item in due))
+        await asyncio.gather(*(self._deliver(item) for item in due))
         return len(due)
 
     async def _claim(self, limit: int) -> list[_Due]:
