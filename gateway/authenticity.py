@@ -64,6 +64,15 @@ class DnsTempError(TemporaryFailure):
     """A DNS query timed out or every server failed (SERVFAIL, REFUSED): try again later."""
 
 
+class CacheMiss(Exception):  # not an error: a signal to take the slow path
+    """Raised in cache-only mode when an answer is not cached: verify in a thread instead."""
+
+
+# Cache-only mode: the checks run on the event loop while every answer is cached (the steady
+# state), and move to a thread, where blocking on DNS is harmless, at the first miss.
+_CACHE_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("cache_only", default=False)
+
+
 # -- the resolver ------------------------------------------------------------------------------
 
 
@@ -101,6 +110,8 @@ class CachingResolver:
             if entry is not None and entry[0] > now:
                 self.hits += 1
                 return entry[1]
+        if _CACHE_ONLY.get():
+            raise CacheMiss(f"{key[0]} {key[1]}")
         records, ttl = self._ask(key[0], key[1])
         if self.max_entries and self.max_ttl > 0:
             with self._lock:
@@ -492,6 +503,8 @@ def verify_arc(message: bytes, resolver: CachingResolver) -> ArcResult:
         cv, _results, comment = dkim.arc_verify(message, dnsfunc=dnsfunc, minkey=MIN_RSA_BITS)
     except DnsTempError as exc:
         return ArcResult("temperror", str(exc))
+    except CacheMiss:
+        raise
     except Exception as exc:  # dkimpy raises assorted errors on malformed chains
         return ArcResult("fail", f"the ARC chain cannot be verified ({type(exc).__name__})")
     if cv == dkim.CV_Pass:
@@ -505,12 +518,13 @@ def verify_arc(message: bytes, resolver: CachingResolver) -> ArcResult:
 
 
 @functools.cache
-def _public_suffixes() -> Any:
+def _public_suffixes() -> Any:  # about 0.5 s to load: once, on first use
     from publicsuffix2 import PublicSuffixList
 
     return PublicSuffixList()
 
 
+@functools.lru_cache(maxsize=4096)
 def organizational_domain(domain: str) -> str:
     """The registrable domain (RFC 7489 §3.2) by the public suffix list; unknown TLDs count as
     public suffixes, so ``rep.example.test`` belongs to ``example.test``."""
@@ -835,16 +849,23 @@ class AuthenticityChecker:
         self._threads = threads
         self._executor: ThreadPoolExecutor | None = None
 
-    def verify(self, raw: bytes, *, ip: str, helo: str, mail_from: str) -> Verdicts:
-        """All verdicts for ``raw`` as received from ``ip`` (blocking; DNS inside)."""
+    def verify(
+        self, raw: bytes, *, ip: str, helo: str, mail_from: str, header_from: str | None = None
+    ) -> Verdicts:
+        """All verdicts for ``raw`` as received from ``ip`` (blocking; DNS inside).
+
+        ``header_from`` is the one From address when the caller already has it; otherwise it is
+        read from ``raw`` (and is empty unless there is exactly one).
+        """
         timings: dict[str, float] = {}
         started = time.perf_counter()
         spf_result = self.spf.check(ip, mail_from, helo)
         after_spf = time.perf_counter()
         dkim_results = tuple(self.dkim.verify_all(raw))
         after_dkim = time.perf_counter()
+        author = single_from(raw) if header_from is None else header_from
         dmarc_result = evaluate_dmarc(
-            self.resolver, single_from(raw).rpartition("@")[2], spf_result, dkim_results
+            self.resolver, author.rpartition("@")[2], spf_result, dkim_results
         )
         after_dmarc = time.perf_counter()
         arc_result = verify_arc(raw, self.resolver)
@@ -859,9 +880,23 @@ class AuthenticityChecker:
             self.authserv_id, spf_result, dkim_results, dmarc_result, arc_result, timings
         )
 
-    async def verify_async(self, raw: bytes, *, ip: str, helo: str, mail_from: str) -> Verdicts:
-        """:meth:`verify` in this checker's threads, within ``time_limit`` (else
-        :class:`TemporaryFailure`): a slow DNS server must never stall the event loop."""
+    async def verify_async(
+        self, raw: bytes, *, ip: str, helo: str, mail_from: str, header_from: str | None = None
+    ) -> Verdicts:
+        """:meth:`verify` without blocking the event loop, within ``time_limit`` (else
+        :class:`TemporaryFailure`).
+
+        While every answer it needs is cached it runs right here (a thread hop and the GIL
+        hand-offs cost more than the checks); at the first uncached lookup it starts again in
+        this checker's threads, where waiting for DNS stalls nobody.
+        """
+        token = _CACHE_ONLY.set(True)
+        try:
+            return self.verify(raw, ip=ip, helo=helo, mail_from=mail_from, header_from=header_from)
+        except CacheMiss:
+            pass
+        finally:
+            _CACHE_ONLY.reset(token)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(
                 max_workers=self._threads, thread_name_prefix="mailgate-verify"
@@ -869,7 +904,9 @@ class AuthenticityChecker:
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(
             self._executor,
-            functools.partial(self.verify, raw, ip=ip, helo=helo, mail_from=mail_from),
+            functools.partial(
+                self.verify, raw, ip=ip, helo=helo, mail_from=mail_from, header_from=header_from
+            ),
         )
         try:
             return await asyncio.wait_for(future, self.time_limit)

@@ -139,7 +139,7 @@ class CaptureHandler:
         mail_from = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
         try:
             verdicts = await self.checker.verify_async(
-                raw, ip=peer, helo=helo, mail_from=mail_from
+                raw, ip=peer, helo=helo, mail_from=mail_from, header_from=from_address
             )
         except TemporaryFailure as exc:
             log.warning("capture from %s: checks did not finish: %s", peer, exc)
