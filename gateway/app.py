@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,6 +73,7 @@ class Mailgate:
         self.listener: SmtpListener | None = None
         self.capture: CaptureListener | None = None
         self.imap: ImapService | None = None
+        self._address_cache: dict[str, tuple[float, frozenset[str]]] = {}
         self.http: list[_EmbeddedUvicorn] = []
         self._http_tasks: list[asyncio.Task[None]] = []
         self.extra_apps: list[tuple[Any, str, int]] = []  # (ASGI app, host, port), e.g. the CRM
@@ -232,6 +234,12 @@ class Mailgate:
         return (MatchContacts(self.crm), emit)
 
     async def _addresses_of(self, login: str) -> frozenset[str]:
+        """A user's own addresses, cached for a minute (asked for every submitted message)."""
+        cached = self._address_cache.get(login)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+
         def read() -> frozenset[str]:
             with Session(self.engine) as session:
                 try:
@@ -241,7 +249,11 @@ class Mailgate:
                 identity = identity_of(session, user)
                 return identity.addresses | {login}
 
-        return await asyncio.to_thread(read)
+        addresses = await asyncio.to_thread(read)
+        if len(self._address_cache) > 10_000:
+            self._address_cache.clear()
+        self._address_cache[login] = (now + 60, addresses)
+        return addresses
 
     async def _serve_http(self, app: Any, host: str, port: int) -> None:
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")

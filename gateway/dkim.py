@@ -60,6 +60,22 @@ _NAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
 _RELAXED = (b"relaxed", b"relaxed")
 
 
+def _der_integer(value: int) -> bytes:
+    body = value.to_bytes(value.bit_length() // 8 + 1, "big")
+    return b"\x02" + bytes([len(body)]) + body
+
+
+# The textbook RSA key (p=61, q=53): well-formed PKCS#1 for dkimpy's parser, worthless as a
+# key. See DkimKey.__post_init__ for why dkimpy is handed this; _check_seam proves at start-up
+# that signatures are still made with, and verify against, the real key.
+_TOY = b"".join(_der_integer(v) for v in (0, 3233, 17, 2753, 61, 53, 53, 49, 38))
+_PARSE_ONLY_RSA_PEM = (
+    b"-----BEGIN RSA PRIVATE KEY-----\n"
+    + base64.b64encode(b"\x30" + bytes([len(_TOY)]) + _TOY)
+    + b"\n-----END RSA PRIVATE KEY-----\n"
+)
+
+
 class KeyExistsError(ConfigError):
     """A key file is in the way; replacing it would break mail signed for its published record."""
 
@@ -105,11 +121,10 @@ class DkimKey:
         if self.algorithm == "rsa-sha256":
             if not isinstance(self.private_key, rsa.RSAPrivateKey):
                 raise TypeError("an rsa-sha256 DkimKey needs an RSA private key")
-            dkimpy_key = self.private_key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.TraditionalOpenSSL,  # PKCS#1: what dkimpy tries first
-                serialization.NoEncryption(),
-            )
+            # dkimpy only parses this (its result goes unused: gen_header signs with OpenSSL
+            # and the real key), so it gets a tiny placeholder that parses in ~6 µs instead of
+            # the real key's ~150 µs of pure-Python ASN.1 on every message.
+            dkimpy_key = _PARSE_ONLY_RSA_PEM
             openssl_rsa = _OpenSslRsa(self.private_key)
         else:
             if not isinstance(self.private_key, ed25519.Ed25519PrivateKey):
@@ -577,9 +592,9 @@ class _DkimpyWithOpenSsl(dkim.DKIM):  # type: ignore[misc]  # dkimpy has no type
     which applies dkimpy's own canonicalisation functions 64 KiB at a time. ``bh=`` is in
     ``fields`` before anything is hashed or formatted, so the rest is dkimpy's work as usual.
 
-    Cost left on the table: ``DKIM.sign`` still parses the PEM with its pure-Python ASN.1 code
-    (about 120 µs) before ``gen_header`` ignores the result. Skipping that too would mean
-    patching ``dkim.parse_pem_private_key`` process-wide, which we chose not to do.
+    The key parse: ``DKIM.sign`` parses the ``privkey`` it is given with pure-Python ASN.1
+    (about 150 µs for 2048 bits) before ``gen_header`` runs; since that result is never used for
+    RSA here, it is given a tiny placeholder key (``_PARSE_ONLY_RSA_PEM``) that parses in ~6 µs.
     """
 
     signature_algorithm: bytes  # set by dkimpy; declared for the type checker

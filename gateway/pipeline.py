@@ -42,9 +42,11 @@ def build_pipelines(
     ``hooks`` is ``(match-contacts, emit)`` when CRM logging is on; ``capture`` is the capture
     door's own steps (prove the owner, unwrap forwards) that lead to a sighting.
     """
+    # Without hooks nothing reads a sighting, so the steps that make one are left out too.
+    logged: tuple[Step, ...] = (identify_sender, *hooks) if hooks else ()
     pipelines: dict[str, Sequence[Step]] = {
-        Source.SUBMISSION.value: (normalise, sign, relay, identify_sender, *hooks),
-        Source.API.value: (normalise, sign, relay, identify_sender, *hooks),
+        Source.SUBMISSION.value: (normalise, sign, relay, *logged),
+        Source.API.value: (normalise, sign, relay, *logged),
         Source.IMAP.value: (identify_account, *hooks),
         # Our own DSNs: already complete messages; sign them when we hold the domain's key.
         Source.BOUNCE.value: (sign, relay),
