@@ -42,8 +42,10 @@ _RAW_POLICY = email.policy.compat32.clone(linesep="\r\n", max_line_length=0)  # 
 
 _VACATION = re.compile(
     r"^\s*(auto(matic)?[ -]?(reply|response|antwort)|out of (the )?office|abwesenheit|"
-    r"automatische antwort|r[ée]ponse automatique|absence|on vacation|vacation|autosvar|"
-    r"respuesta autom[áa]tica|risposta automatica|fuera de la oficina)\b",
+    r"automatische antwort|r[ée]ponse automatique|autosvar|respuesta autom[áa]tica|"
+    r"risposta automatica|fuera de la oficina)\b"
+    # "Vacation" and "Absence" alone are ordinary words: only as a whole subject or a prefix.
+    r"|^\s*((on )?vacation|absence)( reply| response| notice)?\s*(:|$)",
     re.IGNORECASE,
 )
 _FORWARD_PREFIX = re.compile(r"^\s*(fwd?|fw|wg|tr|rv|enc|i)\s*:", re.IGNORECASE)
