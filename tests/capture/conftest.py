@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,13 +165,24 @@ class RunningDoor:
         self.loop.close()
 
 
+@pytest.fixture(scope="session")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A migrated database with the reps, made once (Argon2 hashing is slow on purpose)."""
+    path = tmp_path_factory.mktemp("template") / "mailgate.db"
+    settings = Settings(capture={"domain": CAPTURE_DOMAIN})
+    return path, add_reps(f"sqlite:///{path}", settings)
+
+
 @pytest.fixture
-def door_factory(tmp_path: Path, company_zone: AuthoritativeDns) -> Iterator[Any]:
+def door_factory(
+    tmp_path: Path, company_zone: AuthoritativeDns, template_db: tuple[Path, dict[str, str]]
+) -> Iterator[Any]:
     started: list[RunningDoor] = []
 
     def make(**capture: Any) -> tuple[RunningDoor, dict[str, str]]:
         settings = capture_settings(tmp_path, company_zone, **capture)
-        secret = add_reps(settings.database.url, settings)
+        shutil.copyfile(template_db[0], tmp_path / "mailgate.db")
+        secret = template_db[1]
         door = RunningDoor(settings).start()
         started.append(door)
         return door, secret
