@@ -73,7 +73,9 @@ class SubmissionHandler:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        verdict = policy.sender(address, self.facts(server, session))
+        # aiosmtpd hands over the null reverse-path as "<>" (and needs a non-empty mail_from
+        # to accept RCPT), so only the policy and the store see it as "".
+        verdict = policy.sender("" if address == "<>" else address, self.facts(server, session))
         if verdict is not Verdict.ACCEPT:
             return self._refuse(verdict)
         envelope.mail_from = address
@@ -105,7 +107,7 @@ class SubmissionHandler:
             return self._refuse(verdict)
         message = NewMessage(
             source=Source.SUBMISSION.value,
-            mail_from=envelope.mail_from or "",
+            mail_from="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
             rcpt_tos=list(envelope.rcpt_tos),
             raw=raw,
             username=facts.identity.login if facts.identity else None,
