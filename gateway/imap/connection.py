@@ -61,6 +61,7 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 _CHANGE_RESPONSES = ("EXISTS", "EXPUNGE", "VANISHED", "RECENT")
 _ESEARCH_ALL = re.compile(rb"\bALL ([0-9:,]+)")
 _VANISHED = re.compile(rb"([0-9:,]+)\s*$")
+_COUNT_LINE = re.compile(rb"\* (\d+) (EXISTS|EXPUNGE|RECENT)\b", re.IGNORECASE)
 _CHANGE_LINE = re.compile(rb"\* (?:\d+ (?:EXISTS|EXPUNGE|RECENT)|VANISHED)\b", re.IGNORECASE)
 
 
@@ -94,7 +95,13 @@ class FolderStatus:
 
 @dataclass(slots=True)
 class Selected:
-    """What EXAMINE told us; ``vanished`` is RFC 7162 ``VANISHED (EARLIER)`` (QRESYNC only)."""
+    """The selected folder's state: what EXAMINE said, kept current by what the server reports.
+
+    ``vanished`` holds RFC 7162 VANISHED UIDs (QRESYNC only): ``(EARLIER)`` ones from EXAMINE,
+    then those announced while the folder stays selected (during IDLE, after commands).
+    ``expunged`` says an RFC 3501 EXPUNGE (a sequence number, no UID) came in meanwhile.
+    ``reused`` marks a state taken over from the open session instead of a new EXAMINE.
+    """
 
     name: str
     uidvalidity: int
@@ -102,6 +109,8 @@ class Selected:
     exists: int
     highest_modseq: int | None
     vanished: UidSet = field(default_factory=lambda: UidSet([]))
+    expunged: bool = False
+    reused: bool = False
 
 
 class UidSet:
@@ -355,6 +364,7 @@ class ImapConnection:
         self.capabilities = frozenset(c.decode().upper() for c in client.capabilities())
         self.qresync = False
         self.selected: str | None = None
+        self.selection: Selected | None = None
         self.changed = False  # unsolicited EXISTS/EXPUNGE/VANISHED seen since last looked at
         self._imap: Any = client._imap
 
@@ -439,7 +449,7 @@ class ImapConnection:
         if uidvalidity is None:
             raise ServerError(f"the server gave no UIDVALIDITY for {folder!r} (RFC 3501 §2.3.1.1)")
         self.changed = False
-        return Selected(
+        selected = Selected(
             name=folder,
             uidvalidity=uidvalidity,
             uidnext=number("UIDNEXT"),  # may be missing on some servers: we never rely on it
@@ -447,6 +457,37 @@ class ImapConnection:
             highest_modseq=number("HIGHESTMODSEQ"),  # absent with NOMODSEQ (RFC 7162 §3.1.2.2)
             vanished=vanished,
         )
+        # What comes later (EXISTS, VANISHED, EXPUNGE) is tracked on a copy of our own.
+        self.selection = Selected(
+            name=folder,
+            uidvalidity=uidvalidity,
+            uidnext=None,
+            exists=selected.exists,
+            highest_modseq=None,
+        )
+        return selected
+
+    def reuse_selection(self, folder: str) -> Selected | None:
+        """The state of ``folder`` if it is still selected, with the news since last asked.
+
+        While a folder stays selected its UIDVALIDITY cannot change (RFC 3501 §2.3.1.1), and the
+        server reports new mail (EXISTS) and removals (EXPUNGE, or VANISHED under QRESYNC) on its
+        own: after IDLE there is no need for another EXAMINE, which costs a large folder tens of
+        milliseconds at the server.
+        """
+        current = self.selection
+        if current is None or self.selected != folder:
+            return None
+        self.selection = Selected(
+            name=folder,
+            uidvalidity=current.uidvalidity,
+            uidnext=None,
+            exists=current.exists,
+            highest_modseq=None,
+        )
+        current.reused = True
+        self.changed = False
+        return current
 
     # -- finding messages ------------------------------------------------------------------
 
@@ -516,6 +557,7 @@ class ImapConnection:
         """Move messages (RFC 6851 MOVE; COPY + \\Deleted + UID EXPUNGE of RFC 4315 without)."""
         self.client.select_folder(folder)  # read-write: this is the one place we change things
         self.selected = folder
+        self.selection = None
         ids = list(uids)
         if self.has("MOVE"):
             self.client.move(ids, destination)
@@ -604,12 +646,14 @@ class ImapConnection:
                 break
             if _CHANGE_LINE.match(line):
                 changed = True
+                self._note(line)
         return changed, closed
 
     @_translated
     def idle_done(self) -> bool:
         """End IDLE; True if the mailbox changed meanwhile. A dead peer raises (read timeout)."""
         _text, responses = self.client.idle_done()
+        self._drain()  # what came before the tagged reply was kept by imaplib: note it
         return any(_is_change(r) for r in responses)
 
     @_translated
@@ -637,12 +681,50 @@ class ImapConnection:
 
     def _drain(self) -> None:
         """Consume unsolicited responses imaplib keeps per command (RFC 3501 §7), so they cannot
-        pile up over a long session, and remember if they announced mailbox changes."""
+        pile up over a long session, and note what they say about the selected folder."""
         untagged = self._imap.untagged_responses
-        for key in _CHANGE_RESPONSES:
-            if untagged.pop(key, None):
-                self.changed = True
+        expunges = untagged.pop("EXPUNGE", [])
+        vanished = untagged.pop("VANISHED", [])
+        exists = untagged.pop("EXISTS", [])
+        if untagged.pop("RECENT", None) or expunges or vanished or exists:
+            self.changed = True
         untagged.pop("FETCH", None)  # flag updates of other messages: not our business
+        selection = self.selection
+        if selection is None:
+            return
+        if expunges:
+            selection.expunged = True
+            selection.exists -= len(expunges)
+        for line in vanished:
+            if not line.upper().startswith(b"(EARLIER)"):
+                self._vanish(selection, line)
+        if exists:
+            # The last EXISTS is the count after everything before it (RFC 3501 §7.3.1).
+            selection.exists = int(exists[-1])
+
+    def _note(self, line: bytes) -> None:
+        """Track one untagged line read while idling."""
+        selection = self.selection
+        found = _COUNT_LINE.match(line)
+        if selection is None:
+            return
+        if found is not None:
+            number, what = int(found.group(1)), found.group(2).upper()
+            if what == b"EXISTS":
+                selection.exists = number
+            elif what == b"EXPUNGE":
+                selection.expunged = True
+                selection.exists -= 1
+        elif line.upper().startswith(b"* VANISHED ") and b"(EARLIER)" not in line.upper():
+            self._vanish(selection, line[len(b"* VANISHED ") :])
+
+    @staticmethod
+    def _vanish(selection: Selected, text: bytes) -> None:
+        found = _VANISHED.search(text.strip())
+        if found:
+            uids = UidSet.parse(found.group(1).decode())
+            selection.vanished = UidSet(selection.vanished.ranges + uids.ranges)
+            selection.exists -= len(uids)
 
 
 def _is_change(response: Any) -> bool:

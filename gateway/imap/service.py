@@ -779,7 +779,7 @@ class AccountRunner:
                 next_poll = loop.time() + svc.settings.poll_interval_seconds
             if loop.time() - last_mark > 1.0:
                 last_mark = loop.time()
-                await self._status(AccountStatus.LIVE, synced=True)
+                await self._set(last_sync_at=time.time())
             if self._wake.is_set():
                 return
             wait = max(0.0, next_poll - loop.time())
@@ -902,12 +902,18 @@ class AccountRunner:
                 {"account_id": self.id, "status": status, "detail": error or detail},
             )
 
-        def write(connection: Connection) -> None:
-            connection.execute(update(ACCOUNT).where(ACCOUNT.c.id == self.id).values(**values))
+        def write(connection: Connection) -> bool:
+            target = ACCOUNT.c.id == self.id
+            if status != AccountStatus.PAUSED:
+                # An admin may have disabled the account a moment ago: never overwrite that.
+                target = target & ACCOUNT.c.enabled.is_(True)
+            if not connection.execute(update(ACCOUNT).where(target).values(**values)).rowcount:
+                return False
             if event is not None:
                 event(connection)
+            return True
 
-        await self.service.store.committer.write(write)
-        if event is not None:
+        written = await self.service.store.committer.write(write)
+        if written and event is not None:
             self.reported = status
             log.info("IMAP account %s: %s%s", self.id, status, f" ({error})" if error else "")

@@ -190,10 +190,16 @@ class Engine:
     ) -> PassResult:
         """Bring ``cursor`` up to date with the folder; ``cursor`` is updated in place."""
         result = PassResult()
-        known = None
-        if conn.qresync and cursor.uidvalidity is not None and cursor.highest_modseq:
-            known = (cursor.uidvalidity, cursor.highest_modseq)
-        selected = await self.io(conn.examine, cursor.name, known=known)
+        selected = None
+        if cursor.initial_done and cursor.uidvalidity is not None:
+            selected = conn.reuse_selection(cursor.name)  # still selected since the last pass
+            if selected is not None and selected.uidvalidity != cursor.uidvalidity:
+                selected = None
+        if selected is None:
+            known = None
+            if conn.qresync and cursor.uidvalidity is not None and cursor.highest_modseq:
+                known = (cursor.uidvalidity, cursor.highest_modseq)
+            selected = await self.io(conn.examine, cursor.name, known=known)
         resync = cursor.uidvalidity is not None and selected.uidvalidity != cursor.uidvalidity
         first = cursor.uidvalidity is None
         if resync:
@@ -251,7 +257,8 @@ class Engine:
             await self._commit_cursor(account, cursor, finish=True, resync=resync)
         # RFC 3501 §6.3.1: the UIDNEXT/HIGHESTMODSEQ seen at EXAMINE time are safe lower bounds;
         # anything that arrived since shows up as a difference at the next STATUS.
-        cursor.uidnext = selected.uidnext
+        if selected.uidnext is not None:
+            cursor.uidnext = selected.uidnext
         cursor.messages = selected.exists
         if selected.highest_modseq is not None:
             cursor.highest_modseq = selected.highest_modseq
@@ -458,15 +465,24 @@ class Engine:
         self, conn: ImapConnection, account: AccountView, cursor: Cursor, selected: Selected
     ) -> UidSet:
         """Linked UIDs no longer in the folder (only logged mail matters to the CRM)."""
-        changed = selected.exists != cursor.messages or selected.uidnext != cursor.uidnext
-        if selected.highest_modseq is not None and cursor.highest_modseq is not None:
-            changed = changed or selected.highest_modseq != cursor.highest_modseq
+        changed = (
+            selected.exists != cursor.messages
+            or selected.expunged
+            or bool(selected.vanished)
+            or (selected.uidnext is not None and selected.uidnext != cursor.uidnext)
+            or (
+                selected.highest_modseq is not None
+                and selected.highest_modseq != cursor.highest_modseq
+            )
+        )
         if not changed:
             return UidSet([])
         tracked = await self._links_in(account.id, cursor)
         if not tracked:
             return UidSet([])
-        if conn.qresync and cursor.highest_modseq:
+        if conn.qresync and not selected.expunged and (selected.reused or cursor.highest_modseq):
+            # RFC 7162: with QRESYNC enabled the server reports removals as VANISHED UIDs,
+            # EARLIER ones at EXAMINE and later ones as they happen.
             return UidSet.of(u for u in tracked if u in selected.vanished)
         present: UidSet = await self.io(conn.search, f"UID {UidSet.of(tracked)}")
         return UidSet.of(u for u in tracked if u not in present)
