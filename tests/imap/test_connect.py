@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
+from typing import Any
 
 import pytest
 
@@ -11,6 +13,9 @@ from gateway.imap.connection import ConnectionFactory, Endpoint
 from gateway.imap.errors import AuthFailed, ConnectFailed, ImapDisabled, TlsFailed
 from gateway.imap.presets import load_providers
 from gateway.imap.service import probe
+from gateway.imap.settings import ImapSettings
+from gateway.imap.sync import Engine
+from tests.imap.conftest import Mailbox
 from tests.imap.test_sync import message
 from tests.servers.certs import TestCA
 from tests.servers.dovecot import DovecotServer
@@ -112,3 +117,60 @@ def test_unreachable_servers_say_why(factory: ConnectionFactory) -> None:
     with pytest.raises(ConnectFailed) as failure:
         factory.open(Endpoint("127.0.0.1", port, "ssl", "u"), "p")
     assert f"refused the connection on port {port}" in failure.value.sentence
+
+
+def test_protocol_pitfalls_uid_star_expunged_between_search_and_fetch_and_unsolicited_replies(
+    factory: ConnectionFactory, dovecot: DovecotServer, ca: TestCA
+) -> None:
+    user, password = dovecot.new_user("pitfall")
+    for i in range(6):
+        dovecot.deliver(user, "INBOX", message("a@b.test", user, f"{i}.{user}"))
+    assert dovecot.imaps_port is not None
+    conn = factory.open(Endpoint("localhost", dovecot.imaps_port, "ssl", user), password)
+    other = Mailbox(dovecot, ca, user, password).client()
+    try:
+        selected = conn.examine("INBOX")
+        assert selected.exists == 6 and selected.uidnext == 7
+        # RFC 3501 section 6.4.8: "UID 7:*" matches the highest UID (6) though it is below 7.
+        assert conn.search("UID 7:*").max == 6
+        assert not conn.new_uids(6)
+        assert list(conn.new_uids(4)) == [5, 6]
+
+        # Found by SEARCH, then expunged by another client before our FETCH; meanwhile the
+        # other client also changes flags, which the server reports to us unasked.
+        found = conn.new_uids(0)
+        other.select_folder("INBOX")
+        other.add_flags([1], [b"\\Flagged"])
+        other.delete_messages([2, 3])
+        other.expunge()
+        records = conn.fetch_headers(found)
+        # Until our session is told (RFC 3501 section 7.4.1 forbids EXPUNGE during FETCH), the
+        # server may still answer for the removed messages, or not: either way nothing fails.
+        assert {1, 4, 5, 6} <= {r.uid for r in records} <= set(found)
+        bodies = conn.fetch_bodies(found)
+        assert {1, 4, 5, 6} <= set(bodies) <= set(found)
+        assert bodies[6].startswith(b"From: a@b.test")
+        conn.search("UID 1:*")  # the next command that may carry the news
+        # The removals were noted from the session's own unsolicited responses.
+        reused = conn.reuse_selection("INBOX")
+        assert reused is not None and reused.exists == 4
+        assert set(reused.vanished) == {2, 3}  # QRESYNC: VANISHED, not sequence numbers
+
+        # Without UIDNEXT (some servers leave it out) the highest UID comes from "UID *".
+        async def io(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+
+        engine = Engine(
+            store=None,  # type: ignore[arg-type]
+            crm=None,  # type: ignore[arg-type]
+            outbox=None,
+            settings=ImapSettings(),
+            io=io,
+            metrics=None,  # type: ignore[arg-type]
+            on_accepted=lambda _id: None,
+        )
+        selected.uidnext = None
+        assert asyncio.run(engine._highest_uid(conn, selected)) == 6
+    finally:
+        other.logout()
+        conn.logout()

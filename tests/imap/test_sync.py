@@ -9,6 +9,7 @@ import pytest
 
 from gateway.imap.accounts import AccountUpdate
 from gateway.imap.connection import ImapConnection
+from gateway.imap.models import MailAccount
 from gateway.imap.service import ImapService
 from gateway.metrics import Metrics
 from gateway.store.queue import Store
@@ -78,6 +79,11 @@ def test_first_sync_logs_exactly_the_mail_with_contacts_once_and_changes_no_flag
         assert meta["account"]["id"] == account.id and meta["account"]["kind"] == "shared"
         assert meta["direction"] == ("outbound" if meta["folder"] == "Sent" else "inbound")
         assert isinstance(meta["uid"], int) and isinstance(meta["uidvalidity"], int)
+    progress = {
+        r["name"]: (r["initial_processed"], r["initial_total"])
+        for r in h.rows("SELECT name, initial_processed, initial_total FROM mail_folder")
+    }
+    assert progress["INBOX"] == (3000, 3000) and progress["Sent"] == (25, 25)
     state = h.account(account.id)
     assert state["last_sync_at"] is not None and state["progress"] is None
     statuses = [e["status"] for e in h.events("account.status_changed")]
@@ -290,3 +296,29 @@ def test_two_gateway_processes_never_sync_the_same_mailbox(
         assert owners == {"process-two"}
     finally:
         h.call(second.stop())
+
+
+def test_mail_sent_from_the_crm_lands_in_sent_and_one_way_accounts_hold_no_session(
+    harness: Callable[..., Harness], dovecot: DovecotServer, ca: TestCA, crm: Crm
+) -> None:
+    user, password = dovecot.new_user("oneway")
+    contact = f"{unique('ow')}@customer.test"
+    crm.add_contacts([contact])
+    h = harness()
+    account = h.add_account(user, password)
+    h.wait_status(account.id, "live")
+    assert h.service is not None
+    raw = message(user, contact, f"from-crm.{user}", subject="sent from the CRM")
+    assert h.call(h.service.append_sent(account.id, raw))
+    sent = Mailbox(dovecot, ca, user, password).flags("Sent")
+    assert list(sent.values()) == [(b"\\Recent", b"\\Seen")]  # appended as read
+    (row,) = wait_for(lambda: h.accepted(account.id), what="the Sent copy to be synced")
+    assert row["meta"]["direction"] == "outbound" and row["meta"]["folder"] == "Sent"
+
+    h.call(h.service.update_account(account.id, AccountUpdate(sync_mode="one_way")))
+    runner = h.service.runners[account.id]
+    wait_for(lambda: runner.conn is None, what="the IMAP session to end")
+    assert h.account(account.id)["status"] == "live"
+    # Gmail's preset allows two connections; the setting can only lower that.
+    assert h.service.slots(MailAccount(id="x", max_connections=2))._value == 2  # type: ignore[call-arg]
+    assert h.service.slots(MailAccount(id="y", max_connections=5))._value == 2  # type: ignore[call-arg]
