@@ -130,12 +130,19 @@ class Harness:
     """An :class:`ImapService` with a real store, CRM client and outbox, on a loop in a thread."""
 
     def __init__(
-        self, tmp_path: Path, *, dovecot: DovecotServer, ca: TestCA, crm: Crm, **imap: Any
+        self,
+        tmp_path: Path,
+        *,
+        dovecot: DovecotServer,
+        ca: TestCA,
+        crm: Crm,
+        url: str | None = None,
+        **imap: Any,
     ) -> None:
         self.dovecot = dovecot
         self.ca = ca
         self.crm = crm
-        self.url = f"sqlite:///{tmp_path / 'mailgate.db'}"
+        self.url = url or f"sqlite:///{tmp_path / 'mailgate.db'}"
         options: dict[str, Any] = {
             "secret_key": SECRET_KEY,
             "ca_file": ca.ca_file,
@@ -268,13 +275,15 @@ class Harness:
 
 @pytest.fixture
 def harness(
-    tmp_path: Path, dovecot: DovecotServer, ca: TestCA, crm: Crm
+    request: pytest.FixtureRequest, tmp_path: Path, dovecot: DovecotServer, ca: TestCA, crm: Crm
 ) -> Iterator[Callable[..., Harness]]:
-    """Build (and later stop) harnesses: ``harness(**imap_settings)``."""
+    """Build (and later stop) harnesses: ``harness(**imap_settings)``; ``harness(postgres=True)``
+    puts the gateway's store on a fresh database of the throwaway PostgreSQL cluster."""
     made: list[Harness] = []
 
-    def make(**imap: Any) -> Harness:
-        h = Harness(tmp_path / f"h{len(made)}", dovecot=dovecot, ca=ca, crm=crm, **imap)
+    def make(*, postgres: bool = False, **imap: Any) -> Harness:
+        url = request.getfixturevalue("pg_url") if postgres else None
+        h = Harness(tmp_path / f"h{len(made)}", dovecot=dovecot, ca=ca, crm=crm, url=url, **imap)
         made.append(h)
         return h.start()
 

@@ -27,8 +27,11 @@ def message(sender: str, to: str, message_id: str, subject: str = "hello") -> by
     ).encode()
 
 
+@pytest.mark.parametrize(
+    "on_postgres", [False, pytest.param(True, marks=pytest.mark.postgres)], ids=["sqlite", "pg"]
+)
 def test_first_sync_logs_exactly_the_mail_with_contacts_once_and_changes_no_flag(
-    harness: Callable[..., Harness], dovecot: DovecotServer, ca: TestCA, crm: Crm
+    harness: Callable[..., Harness], dovecot: DovecotServer, ca: TestCA, crm: Crm, on_postgres: bool
 ) -> None:
     user, password = dovecot.new_user("sync")
     tag = unique("s")
@@ -57,7 +60,7 @@ def test_first_sync_logs_exactly_the_mail_with_contacts_once_and_changes_no_flag
     box = Mailbox(dovecot, ca, user, password)
     flags_before = {f: box.flags(f) for f in ("INBOX", "Sent", "Trash")}
 
-    h = harness(scan_chunk=500, body_chunk=64)
+    h = harness(scan_chunk=500, body_chunk=64, postgres=on_postgres)
     account = h.add_account(user, password, start="6m", folders=["INBOX", "Sent", "Trash"])
     done = wait_for(
         lambda: len(h.events("sync.completed")) == 3 and h.events("sync.completed"),
@@ -167,7 +170,11 @@ def test_recreated_folder_gets_a_new_uidvalidity_and_nothing_is_logged_twice(
     assert h.events("email.deleted") == []  # a reset is not a deletion
 
 
-@pytest.mark.parametrize("qresync", [True, False], ids=["qresync", "no-condstore"])
+@pytest.mark.parametrize(
+    ("qresync", "on_postgres"),
+    [(True, False), (False, False), pytest.param(True, True, marks=pytest.mark.postgres)],
+    ids=["qresync", "no-condstore", "qresync-pg"],
+)
 def test_expunge_and_moves_become_deleted_and_archived_events(
     harness: Callable[..., Harness],
     dovecot: DovecotServer,
@@ -175,6 +182,7 @@ def test_expunge_and_moves_become_deleted_and_archived_events(
     crm: Crm,
     monkeypatch: pytest.MonkeyPatch,
     qresync: bool,
+    on_postgres: bool,
 ) -> None:
     if not qresync:
         # The same Dovecot, seen as a server without CONDSTORE/QRESYNC (RFC 7162): changes are
@@ -186,7 +194,7 @@ def test_expunge_and_moves_become_deleted_and_archived_events(
     crm.add_contacts([contact])
     for i in range(5):
         dovecot.deliver(user, "INBOX", message(contact, user, f"m{i}.{user}"))
-    h = harness()
+    h = harness(postgres=on_postgres)
     account = h.add_account(user, password, start="1m")
     wait_for(lambda: len(h.accepted(account.id)) == 5, what="five logged")
     h.wait_status(account.id, "live")
