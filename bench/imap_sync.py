@@ -1,11 +1,12 @@
 """IMAP sync: Mailgate's first sync of a 20,000-message mailbox against a bare imapclient scan and
 mbsync, the delivery-to-store latency while idling, and the RSS of 200 idle accounts.
 
-One private Dovecot (plaintext on loopback, as the other benchmarks run without TLS; process
-limits raised so 200 sessions fit) holds a 20,000-message INBOX of ~10 KB messages written as
-Maildir files, 10 % of them from 200 CRM contacts (2,000 other senders). The bundled CRM runs
-under uvicorn with those contacts. Measured in interleaved rounds (the machine is shared; each
-figure is the median round):
+One private Dovecot (process limits raised so 200 sessions fit) holds a 20,000-message INBOX of
+~10 KB messages written as Maildir files, 10 % of them from 200 CRM contacts (2,000 other
+senders). The scan, sync and mirror peers use its plain port on loopback (the other benchmarks
+run without TLS too); the idle accounts use implicit TLS with a test CA, as real mailboxes do.
+The bundled CRM runs under uvicorn with those contacts. Measured in interleaved rounds (the
+machine is shared; each figure is the median round):
 
 - ``bare_envelope_scan``: imapclient, one ``UID FETCH 1:N (ENVELOPE)`` parsed by imapclient's own
   ``parse_fetch_response`` (``fetch("1:*")`` itself raises in imapclient 4.1; see PERF_NOTES);
@@ -56,6 +57,7 @@ from imapclient.response_parser import parse_fetch_response  # noqa: E402
 from sqlmodel import Session  # noqa: E402
 
 from tests.imap.mailbox import MailboxSpec, make_mails, write_maildir  # noqa: E402
+from tests.servers.certs import TestCA  # noqa: E402
 from tests.servers.dovecot import DovecotServer  # noqa: E402
 from tests.servers.uvicorn import UvicornServer  # noqa: E402
 
@@ -237,7 +239,9 @@ class Gateway:
         )
         return str(self.call(self.service.add_account(data)).id)
 
-    def add_many(self, dovecot: DovecotServer, users: list[tuple[str, str]]) -> None:
+    def add_many(
+        self, host: str, port: int, users: list[tuple[str, str]], *, security: str = "ssl"
+    ) -> None:
         """Store accounts directly (no login test each), then start them all at once."""
         from gateway.imap import accounts
         from gateway.imap.accounts import AccountCreate
@@ -247,9 +251,9 @@ class Gateway:
                 data = AccountCreate(
                     email=user,
                     password=password,
-                    imap_host=dovecot.host,
-                    imap_port=dovecot.port,
-                    imap_security="none",
+                    imap_host=host,
+                    imap_port=port,
+                    imap_security=security,  # type: ignore[arg-type]
                     kind="shared",
                 )
                 accounts.new_account(
@@ -419,11 +423,12 @@ def proc_status(pid: int) -> dict[str, int]:
 def idle_worker(spec_file: str) -> int:
     """Child process: start the service, report, add the accounts, wait until idle, report."""
     spec = json.loads(Path(spec_file).read_text())
-    gateway = Gateway(Path(spec["workdir"]), spec["crm_url"], spec["crm_token"])
-    dovecot = argparse.Namespace(host=spec["host"], port=spec["port"])
+    gateway = Gateway(
+        Path(spec["workdir"]), spec["crm_url"], spec["crm_token"], ca_file=spec["ca_file"]
+    )
     print("baseline", flush=True)
     sys.stdin.readline()
-    gateway.add_many(dovecot, spec["users"])  # type: ignore[arg-type]
+    gateway.add_many("localhost", spec["port"], spec["users"])  # TLS, verified (test CA)
     wait_until(
         lambda: (
             gateway.scalar("SELECT COUNT(*) FROM mail_account WHERE status = 'live'")
@@ -440,7 +445,7 @@ def idle_worker(spec_file: str) -> int:
 
 
 def idle_accounts(
-    dovecot: DovecotServer, count: int, workdir: Path, crm: tuple[str, str]
+    dovecot: DovecotServer, count: int, workdir: Path, crm: tuple[str, str], ca_file: Path
 ) -> dict[str, Any]:
     users = []
     for _ in range(count):
@@ -457,8 +462,8 @@ def idle_accounts(
                 "workdir": str(workdir),
                 "crm_url": crm[0],
                 "crm_token": crm[1],
-                "host": dovecot.host,
-                "port": dovecot.port,
+                "port": dovecot.imaps_port,
+                "ca_file": str(ca_file),
                 "users": users,
             }
         )
@@ -515,7 +520,8 @@ def main() -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="mailgate-imap-bench-"))
     workdir.chmod(0o755)  # Dovecot's own users read its config and passwd files under here
-    dovecot = BenchDovecot(directory=workdir / "dovecot")
+    ca = TestCA()  # the idle accounts use implicit TLS, as real mailboxes do
+    dovecot = BenchDovecot(directory=workdir / "dovecot", tls=ca.server)
     (workdir / "dovecot").mkdir(mode=0o755)
     contacts = [f"contact{i}@customer{i % 40}.test" for i in range(200)]
     crm_server = None
@@ -549,7 +555,7 @@ def main() -> int:
             dovecot, user, password, contacts[0], workdir / "lat", crm, args.latency_samples
         )
         log(f"{args.idle_accounts} idle accounts")
-        idle = idle_accounts(dovecot, args.idle_accounts, workdir / "idle", crm)
+        idle = idle_accounts(dovecot, args.idle_accounts, workdir / "idle", crm, ca.ca_file)
         expected = sum(1 for m in make_mails(spec) if m.sender in contacts)
         report = {
             "mailbox": {
@@ -580,6 +586,7 @@ def main() -> int:
         if crm_server is not None:
             crm_server.cleanup()
         dovecot.cleanup()
+        ca.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
