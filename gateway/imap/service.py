@@ -571,7 +571,8 @@ class ImapService:
         return {"message_id": mid, "action": action, "folder": destination}
 
     async def append_sent(self, account_id: str, raw: bytes) -> bool:
-        """Copy mail sent from the CRM into the account's Sent folder (two-way accounts only)."""
+        """Copy mail sent from the CRM into the account's Sent folder (RFC 3501 APPEND, marked
+        \\Seen); in both sync modes, since one-way means "only CRM mail goes to the mailbox"."""
         account = await self.session(lambda s: accounts.get_account(s, account_id))
         password = self.vault.decrypt(account.secret)
 
@@ -680,6 +681,10 @@ class AccountRunner:
             self.attempt += 1
             log.warning("IMAP account %s: %s", self.id, text)
             await self._status(AccountStatus.ERROR, error=text)
+            if isinstance(exc, ImapError) and not exc.temporary:
+                # TLS trouble or IMAP switched off: retrying soon cannot help, and repeated
+                # refused logins are what gets a mailbox locked.
+                return schedule[-1]
             return backoff
         except asyncio.CancelledError:
             raise

@@ -10,8 +10,10 @@ read the gateway's database and poll it with deadlines (never a sleep).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -335,3 +337,60 @@ class Mailbox:
         finally:
             client.logout()
             self._clients.remove(client)
+
+
+# -- a TCP proxy that can play dead ------------------------------------------------------------
+
+
+class FreezingProxy:
+    """Forwards loopback TCP connections to ``port``; :meth:`freeze` makes the ones open so far
+    go silent without closing (a peer that vanished, a NAT that forgot us), while new
+    connections still work. Threads and sockets are closed by :meth:`close`."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.frozen: set[int] = set()
+        self.sockets: list[socket.socket] = []
+        self.generation = 0
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets += [client, upstream]
+            generation = self.generation
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b, generation), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, generation: int) -> None:
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                return
+            if not data:
+                with contextlib.suppress(OSError):
+                    sink.shutdown(socket.SHUT_WR)
+                return
+            if generation in self.frozen:
+                continue  # swallowed: the other side hears nothing, and no FIN either
+            with contextlib.suppress(OSError):
+                sink.sendall(data)
+
+    def freeze(self) -> None:
+        self.frozen.add(self.generation)
+        self.generation += 1
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.close()

@@ -14,7 +14,7 @@ from gateway.imap.service import ImapService
 from gateway.metrics import Metrics
 from gateway.store.queue import Store
 from hooks.webhooks import Outbox
-from tests.imap.conftest import Crm, Harness, Mailbox, unique, wait_for
+from tests.imap.conftest import Crm, FreezingProxy, Harness, Mailbox, unique, wait_for
 from tests.imap.mailbox import Mail, MailboxSpec, make_mails, write_maildir
 from tests.servers.certs import TestCA
 from tests.servers.dovecot import DovecotServer
@@ -330,3 +330,27 @@ def test_mail_sent_from_the_crm_lands_in_sent_and_one_way_accounts_hold_no_sessi
     # Gmail's preset allows two connections; the setting can only lower that.
     assert h.service.slots(MailAccount(id="x", max_connections=2))._value == 2  # type: ignore[call-arg]
     assert h.service.slots(MailAccount(id="y", max_connections=5))._value == 2  # type: ignore[call-arg]
+
+
+def test_a_connection_that_goes_silent_is_noticed_and_replaced(
+    harness: Callable[..., Harness], dovecot: DovecotServer, crm: Crm
+) -> None:
+    user, password = dovecot.new_user("silent")
+    contact = f"{unique('sil')}@customer.test"
+    crm.add_contacts([contact])
+    assert dovecot.imaps_port is not None
+    proxy = FreezingProxy(dovecot.imaps_port)
+    try:
+        # IDLE is renewed every half second; a DONE without an answer within a second means
+        # the peer is gone (in production: minutes, plus TCP keepalive).
+        h = harness(idle_refresh_seconds=0.5, command_timeout_seconds=1.0)
+        account = h.add_account(user, password, imap_port=proxy.port)
+        h.wait_status(account.id, "live")
+        proxy.freeze()
+        failed = h.wait_status(account.id, "error")
+        assert "stopped answering" in failed["last_error"]
+        h.wait_status(account.id, "live")
+        dovecot.deliver(user, "INBOX", message(contact, user, f"after-silence.{user}"))
+        wait_for(lambda: len(h.accepted(account.id)) == 1, what="mail over the new connection")
+    finally:
+        proxy.close()
