@@ -1,22 +1,21 @@
 """The IMAP service: every enabled account's sync, run in the gateway's one event loop.
 
 Each account gets an :class:`AccountRunner` task that connects, runs the first (history) sync,
-then stays live: IDLE on the Inbox (RFC 2177) and a STATUS poll of the other folders. imapclient
-is blocking, so every IMAP command runs on a bounded thread pool (``imap.io_threads``); waiting
-for IDLE news does *not* hold a thread: the runner registers the socket with the event loop
-(``add_reader``) and only borrows a thread to read what arrived. Hundreds of idle accounts
-therefore cost hundreds of sockets and no threads. (Twisted's IMAP4 client would also avoid
-threads, but would bring a second reactor into the loop and a parser no faster than imapclient's;
-the cheap path of :mod:`gateway.imap.headers` already moves the expensive parsing off imapclient.)
-
-A runner's state is what users see: ``connecting``, ``initial_sync`` (with progress %), ``live``,
-``paused``, ``auth_failed``, ``error``, plus the last successful sync and the last error in
-words. Temporary errors back off on ``imap.retry_schedule_seconds``; a provider that says it is
-throttling us gets ``imap.throttle_seconds``; a refused login is retried only a few times
-(``imap.auth_max_failures``, so the provider never locks the mailbox), then the account waits in
-``auth_failed`` for a new password, and resumes from its cursor. Status changes worth telling
-the CRM become ``account.status_changed`` events. Each account uses at most
-``max_connections`` connections (the sync one, plus one for tests and actions).
+then stays live with IDLE on the Inbox (RFC 2177) and a STATUS poll of its other folders, and
+shows a state users can trust (``connecting``, ``initial_sync`` with progress %, ``live``,
+``paused``, ``auth_failed``, ``error``, the last successful sync, the last error in words;
+changes worth telling the CRM become ``account.status_changed``). imapclient is blocking, so IMAP
+commands run on a bounded thread pool (``imap.io_threads``), but waiting for IDLE news holds no
+thread: the socket is registered with the event loop (``add_reader``) and a thread is borrowed
+only to read what arrived, so hundreds of idle accounts cost sockets, not threads. (Twisted's
+IMAP4 client would avoid threads too, at the price of a second reactor in the loop and a parser
+no faster than imapclient's; :mod:`gateway.imap.headers` already takes the expensive parsing off
+imapclient.) Temporary errors back off on ``imap.retry_schedule_seconds``, provider throttling
+gets ``imap.throttle_seconds``, and a refused login is retried only ``imap.auth_max_failures``
+times (providers lock mailboxes that keep failing) before the account waits in ``auth_failed``
+for a new password, then resumes from its cursor. Each account uses at most its provider's
+``max_connections`` (the sync connection, plus one for tests and actions), and with several
+gateway processes on one database each account is synced by the single holder of its lease.
 """
 
 from __future__ import annotations
