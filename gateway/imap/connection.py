@@ -525,7 +525,7 @@ class ImapConnection:
     @_translated
     def fetch_headers(self, uids: UidSet) -> list[HeaderRecord]:
         """The scan fields of ``uids``; UIDs expunged meanwhile are simply missing."""
-        typ, data = self._imap.uid("FETCH", str(uids), f"(UID {SCAN_ITEM})")
+        typ, data = self._imap.uid("FETCH", str(uids), f"(UID RFC822.SIZE {SCAN_ITEM})")
         self._check(typ, data, "FETCH", tolerate_no=True)
         self._drain()
         return parse_scan(data)

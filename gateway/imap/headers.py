@@ -27,6 +27,7 @@ _SCAN_REPLY = b"BODY[HEADER.FIELDS"
 _BODY_REPLY = b"BODY[]"
 
 _UID = re.compile(rb"[( ]UID (\d+)")
+_SIZE = re.compile(rb"[( ]RFC822\.SIZE (\d+)")
 _QUOTED_OR_NIL = re.compile(rb'BODY\[[^\]]*\] (?:"((?:[^"\\]|\\.)*)"|NIL)')
 _LOGICAL_LINE = re.compile(r"\r?\n(?![ \t])")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
@@ -47,6 +48,7 @@ class HeaderRecord:
     cc: list[str] = field(default_factory=list)
     bcc: list[str] = field(default_factory=list)
     message_id: str | None = None  # without angle brackets
+    size: int = 0  # RFC822.SIZE, for sizing body fetches
 
     @property
     def key(self) -> str | None:
@@ -60,46 +62,51 @@ class HeaderRecord:
         return [*self.from_, *self.sender, *self.reply_to, *self.to, *self.cc, *self.bcc]
 
 
-def literals(data: Sequence[object], reply: bytes) -> Iterator[tuple[int, bytes]]:
-    """``(uid, content)`` for each FETCH reply in imaplib's raw ``data`` that carries ``reply``.
+def replies(data: Sequence[object], reply: bytes) -> Iterator[tuple[int, bytes, bytes]]:
+    """``(uid, content, items)`` for each FETCH reply in imaplib's raw ``data`` carrying ``reply``.
 
     imaplib gives a reply with a literal as ``(b'7 (UID 42 BODY[…] {123}', literal)`` followed by
-    the line after the literal (``b')'``, or ``b' UID 42)'`` when the server puts UID last). A
-    short value may come as a quoted string or NIL instead of a literal (RFC 3501 §4.3).
+    the line after the literal (``b')'``, or ``b' UID 42)'`` when the server puts UID last);
+    ``items`` is that text around the literal (UID, RFC822.SIZE…). A short value may come as a
+    quoted string or NIL instead of a literal (RFC 3501 §4.3).
     """
-    pending: tuple[bytes, bytes] | None = None
+    pending: tuple[bytes, bytes] | None = None  # (text so far, literal)
+
+    def finished(text: bytes, content: bytes) -> tuple[int, bytes, bytes] | None:
+        found = _UID.search(text)
+        return (int(found.group(1)), content, text) if found else None
+
     for item in data:
         if isinstance(item, tuple):
-            if pending is not None:
-                found = _UID.search(pending[0])
-                if found:
-                    yield int(found.group(1)), pending[1]
+            if pending is not None and (done := finished(*pending)):
+                yield done
             prefix, content = item[0], item[1]
             pending = (prefix, content) if reply in prefix else None
             continue
         if not isinstance(item, bytes):
             continue
-        if pending is not None and not item[:1].isdigit():
-            found = _UID.search(pending[0]) or _UID.search(item)
-            if found:
-                yield int(found.group(1)), pending[1]
+        if pending is not None:
+            text, content = pending
             pending = None
-            continue
-        if pending is not None:  # a literal with no trailer line before the next reply
-            found = _UID.search(pending[0])
-            if found:
-                yield int(found.group(1)), pending[1]
-            pending = None
+            if not item[:1].isdigit():  # the rest of the same reply, after its literal
+                if done := finished(text + item, content):
+                    yield done
+                continue
+            if done := finished(text, content):  # no trailer line before the next reply
+                yield done
         if reply in item:  # no literal: a quoted string or NIL
-            uid = _UID.search(item)
             value = _QUOTED_OR_NIL.search(item)
-            if uid and value:
-                text = value.group(1) or b""
-                yield int(uid.group(1)), re.sub(rb"\\(.)", rb"\1", text)
-    if pending is not None:
-        found = _UID.search(pending[0])
-        if found:
-            yield int(found.group(1)), pending[1]
+            text = re.sub(rb"\\(.)", rb"\1", value.group(1) or b"") if value else b""
+            if value and (done := finished(item, text)):
+                yield done
+    if pending is not None and (done := finished(*pending)):
+        yield done
+
+
+def literals(data: Sequence[object], reply: bytes) -> Iterator[tuple[int, bytes]]:
+    """``(uid, content)`` pairs of :func:`replies`."""
+    for uid, content, _items in replies(data, reply):
+        yield uid, content
 
 
 @lru_cache(maxsize=65536)
@@ -158,8 +165,14 @@ def parse_header_block(uid: int, block: bytes) -> HeaderRecord:
 
 
 def parse_scan(data: Sequence[object]) -> list[HeaderRecord]:
-    """Header records from a raw ``UID FETCH (UID BODY.PEEK[HEADER.FIELDS (…)])`` reply."""
-    return [parse_header_block(uid, block) for uid, block in literals(data, _SCAN_REPLY)]
+    """Header records from a raw ``UID FETCH (UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS (…)])``."""
+    records = []
+    for uid, block, items in replies(data, _SCAN_REPLY):
+        record = parse_header_block(uid, block)
+        size = _SIZE.search(items)
+        record.size = int(size.group(1)) if size else 0
+        records.append(record)
+    return records
 
 
 def parse_bodies(data: Sequence[object]) -> dict[int, bytes]:

@@ -54,6 +54,11 @@ class ImapSettings(Section):
     )
     scan_chunk: int = opt(1000, "UIDs per header scan command (memory stays flat)", ge=10)
     body_chunk: int = opt(200, "Messages per body fetch command", ge=1)
+    body_batch_bytes: int = opt(
+        32 * 1024 * 1024,
+        "Bytes of bodies fetched and stored together (a bigger message goes alone)",
+        ge=1024,
+    )
     auth_max_failures: int = opt(
         3, "Failed logins in a row before an account is marked auth_failed (no lock-outs)", ge=1
     )

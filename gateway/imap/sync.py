@@ -123,6 +123,14 @@ class Cursor:
 
 
 @dataclass(slots=True)
+class _Stored:
+    """One piece of a chunk, ready to commit: the new messages' ids and the write."""
+
+    ids: list[str]
+    write: Write
+
+
+@dataclass(slots=True)
 class PassResult:
     scanned: int = 0
     accepted: list[str] = field(default_factory=list)
@@ -311,25 +319,86 @@ class Engine:
                 relinks[record.key] = record.uid
             else:
                 wanted.append((record, way))
+        pieces = self._pieces(wanted)
+        for index, piece in enumerate(pieces):
+            last = index == len(pieces) - 1
+            if last:
+                # Only the last piece moves the cursor: if we stop before it, the chunk is
+                # scanned again and what was stored meanwhile is re-linked, not logged twice.
+                cursor.last_uid = max(cursor.last_uid, chunk.max)
+                cursor.fetched += len(records)
+                if not cursor.initial_done:
+                    cursor.initial_processed += len(chunk)
+                if finish:
+                    cursor.initial_done = True
+                    cursor.last_uid = max(cursor.last_uid, upto)
+            stored = await self._store_piece(
+                conn, account, cursor, piece, linked, relinks if last else {}, last=last
+            )
+            cursor.logged += len(stored.ids)
+            if last:
+                await self._commit_cursor(
+                    account, cursor, finish=finish, resync=resync, also=stored.write
+                )
+            else:
+                await self.store.committer.write(stored.write)
+            result.accepted.extend(stored.ids)
+            if stored.ids:
+                self.metrics.accepted.labels(source="imap").inc(len(stored.ids))
+            for message_id in stored.ids:
+                self.on_accepted(message_id)
+        result.relinked += len(relinks)
+
+    def _pieces(
+        self, wanted: list[tuple[HeaderRecord, Direction]]
+    ) -> list[list[tuple[HeaderRecord, Direction]]]:
+        """Body fetches of at most ``body_chunk`` messages and ``body_batch_bytes`` (by the
+        RFC822.SIZE the scan reported), so a run of huge messages never sits in memory at once;
+        there is always at least one piece, the one that carries the cursor."""
+        pieces: list[list[tuple[HeaderRecord, Direction]]] = [[]]
+        size = 0
+        for record, way in wanted:
+            current = pieces[-1]
+            if current and (
+                len(current) >= self.settings.body_chunk
+                or size + record.size > self.settings.body_batch_bytes
+            ):
+                pieces.append([])
+                size = 0
+            pieces[-1].append((record, way))
+            size += record.size
+        return pieces
+
+    async def _store_piece(
+        self,
+        conn: ImapConnection,
+        account: AccountView,
+        cursor: Cursor,
+        piece: list[tuple[HeaderRecord, Direction]],
+        linked: set[str],
+        relinks: dict[str, int],
+        *,
+        last: bool,
+    ) -> _Stored:
+        """Fetch one piece's bodies and build the write that stores them (and re-links)."""
+        bodies: dict[int, bytes] = {}
+        if piece:
+            bodies = await self.io(conn.fetch_bodies, UidSet.of(r.uid for r, _ in piece))
+        # Without a Message-ID the key is a hash of the whole message: known only now.
+        late = [dedupe_key(bodies[r.uid]) for r, _ in piece if r.key is None and r.uid in bodies]
+        linked |= await self._linked_keys(account.id, late)
         messages: list[NewMessage] = []
         links: list[dict[str, Any]] = []
-        new_keys: set[str] = set()
-        bodies: dict[int, bytes] = {}
-        for piece in UidSet.of(r.uid for r, _ in wanted).chunks(self.settings.body_chunk):
-            bodies.update(await self.io(conn.fetch_bodies, piece))
-        late_keys = [
-            dedupe_key(bodies[r.uid]) for r, _ in wanted if r.key is None and r.uid in bodies
-        ]
-        linked |= await self._linked_keys(account.id, late_keys) if late_keys else set()
-        for record, way in wanted:
-            raw = bodies.get(record.uid)
+        moved: dict[str, int] = dict(relinks)
+        for record, way in piece:
+            raw = bodies.pop(record.uid, None)
             if raw is None:
                 continue  # expunged between the scan and the fetch: nothing left to log
             key = record.key or dedupe_key(raw)
-            if key in linked or key in new_keys:
-                relinks[key] = record.uid
+            if key in linked:
+                moved[key] = record.uid
                 continue
-            new_keys.add(key)
+            linked.add(key)  # the same email twice in one chunk is logged once
             message = NewMessage(
                 source="imap",
                 mail_from=record.from_[0] if record.from_ else "",
@@ -357,23 +426,15 @@ class Engine:
                     "created_at": self.clock(),
                 }
             )
-        cursor.last_uid = max(cursor.last_uid, chunk.max)
-        cursor.fetched += len(records)
-        cursor.logged += len(messages)
-        if not cursor.initial_done:
-            cursor.initial_processed += len(chunk)
-        if finish:
-            cursor.initial_done = True
-            cursor.last_uid = max(cursor.last_uid, upto)
         inserts = [self.store.inserting(m) for m in messages]
         relink_rows = [
             {"a": account.id, "k": key, "f": cursor.name, "v": cursor.uidvalidity, "u": uid}
-            for key, uid in relinks.items()
+            for key, uid in moved.items()
         ]
 
-        def also(connection: Connection) -> None:
-            for write in inserts:
-                write(connection)
+        def write(connection: Connection) -> None:
+            for insert_message in inserts:
+                insert_message(connection)
             if links:
                 connection.execute(insert(LINK), links)
             if relink_rows:
@@ -384,13 +445,7 @@ class Engine:
                     relink_rows,
                 )
 
-        await self._commit_cursor(account, cursor, finish=finish, resync=resync, also=also)
-        result.accepted.extend(m.id for m in messages)
-        result.relinked += len(relinks)
-        if messages:
-            self.metrics.accepted.labels(source="imap").inc(len(messages))
-        for message in messages:
-            self.on_accepted(message.id)
+        return _Stored(ids=[m.id for m in messages], write=write)
 
     async def _linked_keys(self, account_id: str, keys: list[str]) -> set[str]:
         if not keys:

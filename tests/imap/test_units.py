@@ -19,6 +19,8 @@ from gateway.imap.headers import HeaderRecord, literals, parse_addresses, parse_
 from gateway.imap.models import MailAccount, MailFolder, MailLink
 from gateway.imap.presets import bundled_text, load_providers
 from gateway.imap.service import choose_folders
+from gateway.imap.settings import ImapSettings
+from gateway.imap.sync import Engine
 from gateway.imap.vault import SecretError, Vault, generate_key
 from gateway.message import dedupe_key
 from gateway.store.db import make_engine, migrate
@@ -85,11 +87,14 @@ SCAN = b"BODY[HEADER.FIELDS (FROM TO CC BCC REPLY-TO MESSAGE-ID)]"
 
 def test_fetch_replies_are_matched_by_uid_whatever_their_shape() -> None:
     data: list[object] = [
-        (b"1 (UID 11 " + SCAN + b" {40}", b"From: a@x.test\r\nMessage-ID: <1@x.test>\r\n\r\n"),
+        (
+            b"1 (UID 11 RFC822.SIZE 5000 " + SCAN + b" {40}",
+            b"From: a@x.test\r\nMessage-ID: <1@x.test>\r\n\r\n",
+        ),
         b")",
         # UID after the literal (servers choose the order of FETCH items).
         (b"2 (" + SCAN + b" {22}", b"From: B@X.test\r\n\r\n"),
-        b" UID 12)",
+        b" UID 12 RFC822.SIZE 77)",
         # An unsolicited flag update of another message (RFC 3501 section 7.4.2): ignored.
         b"7 (FLAGS (\\Seen))",
         # A short value as a quoted string instead of a literal.
@@ -100,6 +105,7 @@ def test_fetch_replies_are_matched_by_uid_whatever_their_shape() -> None:
     assert [r.uid for r in records] == [11, 12, 13, 14]
     assert records[0].from_ == ["a@x.test"] and records[0].key == "mid:1@x.test"
     assert records[1].from_ == ["b@x.test"] and records[1].key is None
+    assert [r.size for r in records] == [5000, 77, 0, 0]
     assert records[3].from_ == []
     assert dict(literals([(b"5 (UID 9 BODY[] {3}", b"abc"), b")"], b"BODY[]")) == {9: b"abc"}
 
@@ -131,6 +137,23 @@ def test_uid_sets_stay_compact_and_avoid_the_star_pitfall() -> None:
     assert str(UidSet.parse("3:1")) == "1:3"
     assert 7 in uids and 8 not in uids and uids.max == 12
     assert imap_date(datetime(2024, 2, 1, tzinfo=UTC).date()) == "1-Feb-2024"
+
+
+def test_body_fetches_are_bounded_by_count_and_bytes() -> None:
+    engine = Engine(
+        store=None,  # type: ignore[arg-type]
+        crm=None,  # type: ignore[arg-type]
+        outbox=None,
+        settings=ImapSettings(body_chunk=3, body_batch_bytes=10_000),
+        io=None,  # type: ignore[arg-type]
+        metrics=None,  # type: ignore[arg-type]
+        on_accepted=lambda _id: None,
+    )
+    sizes = [100, 100, 100, 100, 9_000, 20_000, 50]
+    wanted = [(HeaderRecord(uid=i, size=n), "inbound") for i, n in enumerate(sizes)]
+    pieces = engine._pieces(wanted)  # type: ignore[arg-type]
+    assert [[r.uid for r, _ in p] for p in pieces] == [[0, 1, 2], [3, 4], [5], [6]]
+    assert engine._pieces([]) == [[]]  # one (empty) piece still carries the cursor
 
 
 # -- what is worth logging ----------------------------------------------------------------------
