@@ -271,7 +271,7 @@ class ImapService:
             ["status"],
             registry=metrics.registry,
         )
-        self.scanned = Counter(
+        self.engine.scanned = Counter(
             "mailgate_imap_messages_scanned",
             "Message headers scanned by IMAP sync",
             registry=metrics.registry,

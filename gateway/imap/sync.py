@@ -165,6 +165,7 @@ class Engine:
         self.metrics = metrics
         self.on_accepted = on_accepted
         self.clock = clock
+        self.scanned: Any = None  # a Prometheus counter of scanned headers, if the service has one
 
     # -- cheap change detection -------------------------------------------------------------
 
@@ -300,6 +301,8 @@ class Engine:
     ) -> None:
         records: list[HeaderRecord] = await self.io(conn.fetch_headers, chunk)
         result.scanned += len(records)
+        if self.scanned is not None:
+            self.scanned.inc(len(records))
         sent_folder = cursor.special_use == "\\Sent"
         chosen: list[tuple[HeaderRecord, Direction]] = []
         if records:

@@ -89,6 +89,11 @@ def test_first_sync_logs_exactly_the_mail_with_contacts_once_and_changes_no_flag
     assert progress["INBOX"] == (3000, 3000) and progress["Sent"] == (25, 25)
     state = h.account(account.id)
     assert state["last_sync_at"] is not None and state["progress"] is None
+    assert h.service is not None
+    registry = h.service.metrics.registry
+    assert registry.get_sample_value("mailgate_imap_messages_scanned_total") == 3025
+    accepted = registry.get_sample_value("mailgate_messages_accepted_total", {"source": "imap"})
+    assert accepted == 320
     statuses = [e["status"] for e in h.events("account.status_changed")]
     assert statuses[:2] == ["initial_sync", "live"]
 
