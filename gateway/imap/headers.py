@@ -32,8 +32,10 @@ _QUOTED_OR_NIL = re.compile(rb'BODY\[[^\]]*\] (?:"((?:[^"\\]|\\.)*)"|NIL)')
 _LOGICAL_LINE = re.compile(r"\r?\n(?![ \t])")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _MSGID = re.compile(r"<([^<>\s@]+@[^<>\s@]+)>")
-# Values without quotes, comments, groups or escapes can be split on commas safely.
-_SIMPLE_ADDRESSES = re.compile(r'^[^"\\():;]*$')
+# Without comments, groups or escapes (RFC 5322 §3.2.2, §3.4), a value whose quoted display
+# names are blanked out can be split on commas safely.
+_HARD_ADDRESSES = re.compile(r"[\\():;]")
+_QUOTED = re.compile(r'"[^"]*"')
 
 
 @dataclass(slots=True)
@@ -116,7 +118,9 @@ def _normalised(address: str) -> str:
 
 def parse_addresses(value: str) -> list[str]:
     """Normalised addr-specs in an address header value (display names dropped)."""
-    if _SIMPLE_ADDRESSES.match(value):
+    if not _HARD_ADDRESSES.search(value) and value.count('"') % 2 == 0:
+        if '"' in value:
+            value = _QUOTED.sub(" ", value)  # "Doe, Jane" <jane@x> -> <jane@x>
         out = []
         for part in value.split(","):
             start = part.rfind("<")
@@ -127,7 +131,7 @@ def parse_addresses(value: str) -> list[str]:
             if "@" in part and " " not in part:
                 out.append(_normalised(part))
         return out
-    # Quoted names with commas, comments, groups (RFC 5322 §3.4): the email package's parser.
+    # Comments, groups, escapes: the email package's (slower, complete) parser.
     return [_normalised(a) for _, a in getaddresses([value]) if "@" in a]
 
 

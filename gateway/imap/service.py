@@ -868,11 +868,12 @@ class AccountRunner:
         cursors.sort(key=lambda c: c.name.upper() == INBOX)
         return cursors, missing
 
-    async def _progress(self, cursors: list[Cursor]) -> None:
+    @staticmethod
+    def _progress(cursors: list[Cursor]) -> float | None:
+        """The first sync's progress over all folders, in percent."""
         total = sum(c.initial_total for c in cursors if c.initial_total)
         done = sum(c.initial_processed for c in cursors if c.initial_total)
-        if total:
-            await self._set(progress=round(100.0 * min(done, total) / total, 1))
+        return round(100.0 * min(done, total) / total, 1) if total else None
 
     # -- state a user sees -----------------------------------------------------------------
 

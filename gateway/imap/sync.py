@@ -195,7 +195,7 @@ class Engine:
         *,
         folders: Sequence[FolderInfo] = (),
         synced: Sequence[str] = (),
-        progress: Callable[[], Awaitable[None]] | None = None,
+        progress: Callable[[], float | None] | None = None,
     ) -> PassResult:
         """Bring ``cursor`` up to date with the folder; ``cursor`` is updated in place."""
         result = PassResult()
@@ -257,9 +257,8 @@ class Engine:
                 finish=finishing and last,
                 resync=resync,
                 upto=upto,
+                progress=progress,
             )
-            if progress is not None:
-                await progress()
         if not chunks and finishing:
             cursor.initial_done = True
             cursor.last_uid = max(cursor.last_uid, upto)
@@ -298,6 +297,7 @@ class Engine:
         finish: bool,
         resync: bool,
         upto: int = 0,
+        progress: Callable[[], float | None] | None = None,
     ) -> None:
         records: list[HeaderRecord] = await self.io(conn.fetch_headers, chunk)
         result.scanned += len(records)
@@ -341,7 +341,12 @@ class Engine:
             cursor.logged += len(stored.ids)
             if last:
                 await self._commit_cursor(
-                    account, cursor, finish=finish, resync=resync, also=stored.write
+                    account,
+                    cursor,
+                    finish=finish,
+                    resync=resync,
+                    also=stored.write,
+                    progress=progress() if progress is not None else None,
                 )
             else:
                 await self.store.committer.write(stored.write)
@@ -476,9 +481,11 @@ class Engine:
         finish: bool = False,
         resync: bool = False,
         also: Write | None = None,
+        progress: float | None = None,
     ) -> None:
-        """Write the cursor (with ``also`` in the same transaction); at the end of the first sync
-        of a folder, its ``sync.completed`` event too."""
+        """Write the cursor (with ``also`` and the account's first-sync ``progress`` in the same
+        transaction: one commit per chunk); at the end of a folder's first sync, its
+        ``sync.completed`` event too."""
         values = cursor.values()
         event: Write | None = None
         if finish and not resync:
@@ -498,6 +505,10 @@ class Engine:
             if also is not None:
                 also(connection)
             connection.execute(update(FOLDER).where(FOLDER.c.id == cursor.id).values(**values))
+            if progress is not None:
+                connection.execute(
+                    update(ACCOUNT).where(ACCOUNT.c.id == account.id).values(progress=progress)
+                )
             if event is not None:
                 event(connection)
 

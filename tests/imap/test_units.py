@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from email.utils import getaddresses
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,17 @@ def test_header_blocks_unfold_and_parse_every_address_form() -> None:
     # The same key the pipeline's dedupe_key gives the whole message.
     assert record.key == dedupe_key(block + b"body") == "mid:Local.Part@domain.test"
     assert parse_addresses("a@x.test, b@y.test") == ["a@x.test", "b@y.test"]
+    # The fast path agrees with the email package on the forms real mail uses.
+    for value in (
+        '"Doe, Jane" <Jane@X.test>, bob@y.test',
+        '"a" <a@x.test>,"b, c" <b@x.test>',
+        '"odd <x@y>" <real@z.test>',
+        "=?utf-8?q?J=C3=BCrgen?= <j@x.test>",
+        "Bob <bob@x.test> (work), Team: c@x.test, d@x.test;",
+        "Undisclosed recipients:;",
+    ):
+        expected = [a.lower() for _, a in getaddresses([value]) if "@" in a]
+        assert parse_addresses(value) == expected, value
 
 
 def test_uid_sets_stay_compact_and_avoid_the_star_pitfall() -> None:
