@@ -10,11 +10,13 @@ the CRM can create it. An empty result means the mail is not logged.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from email.utils import getaddresses
 
 from gateway.message import domain_of, normalise_address, parse_headers
+from gateway.sighting import Direction
 from gateway.store.queue import QueuedMessage
-from hooks.crm_client import CrmClient
+from hooks.crm_client import CrmClient, MatchAnswer
 
 # Role accounts: a person never reads these as themselves (RFC 2142 names and their cousins).
 GROUP_LOCAL_PARTS = frozenset(
@@ -87,19 +89,26 @@ class MatchContacts:
             sighting.matched = []
             return
         answer = await self.crm.match(candidates, owner=sighting.account.owner)
-        policy = answer.policy
-        matched = []
-        for address in candidates:
-            if domain_of(address) in policy.excluded_domains:
+        sighting.matched = kept(candidates, answer, sighting.direction)
+
+
+def kept(candidates: Iterable[str], answer: MatchAnswer, direction: Direction) -> list[str]:
+    """The candidates the CRM's policy keeps: contacts (the owner's, under assigned-records-only)
+    and, where auto-creation allows, people who will become contacts; never excluded domains,
+    never a group address as a new contact. IMAP sync asks the same question before fetching."""
+    policy = answer.policy
+    matched = []
+    for address in candidates:
+        if domain_of(address) in policy.excluded_domains:
+            continue
+        contact = answer.contacts.get(address)
+        if contact is not None:
+            if policy.assigned_records_only and not contact.assigned_to_owner:
                 continue
-            contact = answer.contacts.get(address)
-            if contact is not None:
-                if policy.assigned_records_only and not contact.assigned_to_owner:
-                    continue
-                matched.append(address)
-            elif not is_group_address(address) and (
-                policy.auto_create == "sent_and_received"
-                or (policy.auto_create == "sent" and sighting.direction == "outbound")
-            ):
-                matched.append(address)  # the CRM creates the contact from this mail
-        sighting.matched = matched
+            matched.append(address)
+        elif not is_group_address(address) and (
+            policy.auto_create == "sent_and_received"
+            or (policy.auto_create == "sent" and direction == "outbound")
+        ):
+            matched.append(address)  # the CRM creates the contact from this mail
+    return matched

@@ -16,50 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from gateway.imap.headers import HeaderRecord
-from gateway.message import domain_of
 from gateway.sighting import Direction
 from hooks.crm_client import MatchAnswer
-
-# Role accounts nobody reads as themselves (RFC 2142 names and their cousins); the same list as
-# the match-contacts step's, which a test keeps in step.
-GROUP_LOCAL_PARTS = frozenset(
-    {
-        "noreply",
-        "no-reply",
-        "donotreply",
-        "do-not-reply",
-        "info",
-        "support",
-        "sales",
-        "admin",
-        "administrator",
-        "postmaster",
-        "mailer-daemon",
-        "hostmaster",
-        "webmaster",
-        "abuse",
-        "hello",
-        "contact",
-        "help",
-        "billing",
-        "notifications",
-        "newsletter",
-        "news",
-        "marketing",
-        "team",
-        "office",
-        "jobs",
-        "careers",
-        "bounce",
-        "bounces",
-        "root",
-    }
-)
-
-
-def is_group_address(address: str) -> bool:
-    local = address.partition("@")[0].lower().split("+")[0]
-    return local in GROUP_LOCAL_PARTS
+from hooks.match import kept
 
 
 def direction(record: HeaderRecord, own: frozenset[str], *, sent_folder: bool) -> Direction:
@@ -87,18 +46,4 @@ def scan_addresses(records: Iterable[HeaderRecord], own: frozenset[str]) -> list
 
 def worth_logging(people: list[str], answer: MatchAnswer, way: Direction) -> bool:
     """True if ``match-contacts`` would keep at least one of ``people`` for this email."""
-    policy = answer.policy
-    for address in people:
-        if domain_of(address) in policy.excluded_domains:
-            continue
-        contact = answer.contacts.get(address)
-        if contact is not None:
-            if policy.assigned_records_only and not contact.assigned_to_owner:
-                continue
-            return True
-        if not is_group_address(address) and (
-            policy.auto_create == "sent_and_received"
-            or (policy.auto_create == "sent" and way == "outbound")
-        ):
-            return True
-    return False
+    return bool(kept(people, answer, way))

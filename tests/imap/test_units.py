@@ -14,7 +14,7 @@ from gateway.errors import ConfigError
 from gateway.imap import accounts
 from gateway.imap.accounts import AccountError, start_at
 from gateway.imap.connection import FolderInfo, UidSet, imap_date
-from gateway.imap.decide import GROUP_LOCAL_PARTS, candidates, direction, worth_logging
+from gateway.imap.decide import candidates, direction, worth_logging
 from gateway.imap.errors import AuthFailed, ImapDisabled, Throttled, classify_login_failure
 from gateway.imap.headers import HeaderRecord, literals, parse_addresses, parse_scan
 from gateway.imap.models import MailAccount, MailFolder, MailLink
@@ -203,12 +203,6 @@ def test_only_mail_with_contacts_or_what_auto_create_would_take_is_fetched() -> 
     assert not takes(received, answer({}, auto_create="sent"))
     assert takes(received, answer({}, auto_create="sent_and_received"))
     assert not takes(noreply, answer({}, auto_create="sent_and_received"))  # a group address
-
-
-def test_group_addresses_agree_with_the_match_contacts_step() -> None:
-    from hooks.match import GROUP_LOCAL_PARTS as STEP_GROUPS
-
-    assert GROUP_LOCAL_PARTS == STEP_GROUPS
 
 
 def test_login_refusals_are_told_apart_by_what_providers_say() -> None:
