@@ -29,7 +29,8 @@ from gateway import users
 from gateway.errors import GatewayError
 from gateway.settings import Settings, config_path, load_settings, render_toml
 from gateway.store.db import make_engine, migrate
-from gateway.store.queue import GroupCommitter, Store
+from gateway.store.offline import with_session, with_store
+from gateway.store.queue import Store
 
 T = TypeVar("T")
 Handler = Callable[[argparse.Namespace], int]
@@ -239,32 +240,11 @@ def _read_password(from_stdin: bool) -> str:
 
 
 def _with_session(args: argparse.Namespace, fn: Callable[[Session], T]) -> T:
-    engine = make_engine(settings_of(args).database.url)
-    try:
-        migrate(engine)
-        with Session(engine, expire_on_commit=False) as session:
-            result = fn(session)
-            session.commit()
-            return result
-    finally:
-        engine.dispose()
+    return with_session(settings_of(args), fn)
 
 
 def _with_store(args: argparse.Namespace, fn: Callable[[Store], Awaitable[T]]) -> T:
-    settings = settings_of(args)
-
-    async def run() -> T:
-        engine = make_engine(settings.database.url)
-        migrate(engine)
-        committer = GroupCommitter(engine)
-        await committer.start()
-        try:
-            return await fn(Store(engine, committer, lease_seconds=settings.database.lease_seconds))
-        finally:
-            await committer.stop()
-            engine.dispose()
-
-    return asyncio.run(run())
+    return with_store(settings_of(args), fn)
 
 
 # -- commands --------------------------------------------------------------------------------

@@ -9,18 +9,13 @@ would hurt delivery. Errors are one line with the fix, like every `mailgate` com
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
 import json
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from sqlmodel import Session
-
 from gateway.settings import Settings, load_settings
-from gateway.store.db import make_engine, migrate
-from gateway.store.queue import GroupCommitter, Store
+from gateway.store.offline import with_session, with_store
 
 T = TypeVar("T")
 
@@ -67,38 +62,11 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
-def _session(settings: Settings, fn: Callable[[Session], T]) -> T:
-    engine = make_engine(settings.database.url)
-    try:
-        migrate(engine)
-        with Session(engine, expire_on_commit=False) as session:
-            result = fn(session)
-            session.commit()
-            return result
-    finally:
-        engine.dispose()
-
-
-def _store(settings: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
-    async def run() -> T:
-        engine = make_engine(settings.database.url)
-        migrate(engine)
-        committer = GroupCommitter(engine)
-        await committer.start()
-        try:
-            return await fn(Store(engine, committer, lease_seconds=settings.database.lease_seconds))
-        finally:
-            await committer.stop()
-            engine.dispose()
-
-    return asyncio.run(run())
-
-
 def cmd_capture_address(args: argparse.Namespace) -> int:
     from gateway.capture.directory import capture_address
 
     settings = _settings(args)
-    address = _session(
+    address = with_session(
         settings,
         lambda s: capture_address(
             s, email=args.email, settings=settings.capture, rotate=args.rotate
@@ -113,7 +81,7 @@ def cmd_capture_address(args: argparse.Namespace) -> int:
 def cmd_quarantine_list(args: argparse.Namespace) -> int:
     from gateway.capture.quarantine import held
 
-    rows = _store(_settings(args), held)
+    rows = with_store(_settings(args), held)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
@@ -133,7 +101,9 @@ def cmd_quarantine_release(args: argparse.Namespace) -> int:
     from gateway.capture.quarantine import release
 
     admin = f"cli:{getpass.getuser()}"
-    owner = _store(_settings(args), lambda s: release(s, args.id, admin=admin, owner=args.owner))
+    owner = with_store(
+        _settings(args), lambda s: release(s, args.id, admin=admin, owner=args.owner)
+    )
     print(f"{args.id} released as {owner}; the running gateway logs it within a second")
     return 0
 
@@ -141,7 +111,7 @@ def cmd_quarantine_release(args: argparse.Namespace) -> int:
 def cmd_quarantine_delete(args: argparse.Namespace) -> int:
     from gateway.capture.quarantine import delete
 
-    _store(_settings(args), lambda s: delete(s, args.id))
+    with_store(_settings(args), lambda s: delete(s, args.id))
     print(f"{args.id} deleted")
     return 0
 
