@@ -1,0 +1,1 @@
+"""The SMTP doors: aiosmtpd handlers over a pure policy, and their listeners."""

@@ -1,0 +1,1 @@
+"""The durable store: tables, migrations, the queue and its group-committed writer."""
