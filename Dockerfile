@@ -16,7 +16,9 @@ COPY gateway ./gateway
 COPY hooks ./hooks
 COPY crm_api ./crm_api
 COPY conf ./conf
-RUN pip install --no-cache-dir . && cp conf/*.toml /etc/mailgate/ 2>/dev/null || true
+# `mailgate init` (first run, see above) writes /etc/mailgate/mailgate.toml and crm.toml with
+# fresh secrets; conf/ holds the documented defaults for reference.
+RUN pip install --no-cache-dir .
 
 USER mailgate
 WORKDIR /var/lib/mailgate
