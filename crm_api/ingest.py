@@ -60,15 +60,46 @@ CONTACT, USER, ORG = _T["contact"], _T["user"], _T["org_settings"]
 
 
 def _bulk_insert(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
-    """Insert many rows. On PostgreSQL a RETURNING clause makes SQLAlchemy send them as one
-    multi-row INSERT ("insertmanyvalues") instead of one INSERT per row; SQLite's C-level
-    executemany is already the fast path there."""
+    """Insert many rows. On PostgreSQL, inside :func:`_pipelined` (as every batch is), a plain
+    executemany is queued in psycopg's pipeline and goes out with the batch's other writes and
+    its COMMIT in one round trip; SQLite's C-level executemany is already the fast path."""
     if not rows:
         return
-    statement = sa.insert(table)
-    if conn.dialect.name == "postgresql":
-        statement = statement.returning(*table.primary_key.columns)
-    conn.execute(statement, rows)
+    conn.execute(sa.insert(table), rows)
+
+
+@contextlib.contextmanager
+def _pipelined(conn: sa.Connection) -> Iterator[None]:
+    """On PostgreSQL, run the block in psycopg 3's pipeline mode: BEGIN and the executemany
+    writes, whose results are not read, are queued and sent together with the next statement
+    that is read (a single execute syncs at once, before SQLAlchemy looks at its rows) or with
+    the COMMIT, instead of one round trip each. Errors still surface, at the latest on
+    COMMIT, so a batch fails whole exactly as before."""
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    raw: Any = conn.connection.dbapi_connection
+    with raw.pipeline() as pipeline:
+
+        def sync(*args: Any) -> None:
+            if not args[-1]:  # a single execute's rows (or rowcount) are read at once
+                pipeline.sync()
+
+        sa.event.listen(conn, "after_cursor_execute", sync)
+        try:
+            yield
+        finally:
+            sa.event.remove(conn, "after_cursor_execute", sync)
+
+
+def _is_integrity_error(exc: BaseException, engine: sa.Engine) -> bool:
+    """A unique-key race, as SQLAlchemy wraps it or (from a pipeline's sync) as the driver
+    raises it."""
+    driver = getattr(engine.dialect, "dbapi", None)
+    raw_error = getattr(driver, "IntegrityError", None)
+    return isinstance(exc, IntegrityError) or (
+        isinstance(raw_error, type) and isinstance(exc, raw_error)
+    )
 
 
 def _in(column: sa.ColumnElement[Any], name: str) -> sa.ColumnElement[bool]:
@@ -179,8 +210,8 @@ class Item:
 def store(*, engine: sa.Engine, items: Sequence[Item]) -> list[Outcome | Exception]:
     """Store ``items`` in one transaction; on failure, each alone (retrying races)."""
     try:
-        with engine.begin() as conn:
-            return list(_Batch(conn).store(items))
+        stored: list[Outcome | Exception] = list(_store_batch(engine, items))
+        return stored
     except Exception:
         if len(items) == 1:
             return [_store_alone(engine, items[0])]
@@ -191,16 +222,22 @@ def store(*, engine: sa.Engine, items: Sequence[Item]) -> list[Outcome | Excepti
 def _store_alone(engine: sa.Engine, item: Item) -> Outcome | Exception:
     for attempt in range(1, _ATTEMPTS + 1):
         try:
-            with engine.begin() as conn:
-                return _Batch(conn).store([item])[0]
-        except IntegrityError as exc:
+            return _store_batch(engine, [item])[0]
+        except Exception as exc:
             # A concurrent request stored the same event, email, account or contact first;
             # the next attempt sees its row and takes the "already there" path.
-            if attempt == _ATTEMPTS:
+            if attempt == _ATTEMPTS or not _is_integrity_error(exc, engine):
                 return exc
-        except Exception as exc:
-            return exc
     raise AssertionError("unreachable")
+
+
+def _store_batch(engine: sa.Engine, items: Sequence[Item]) -> list[Outcome]:
+    """One transaction; the COMMIT is sent inside the pipeline, with the last writes."""
+    with engine.connect() as conn:
+        with _pipelined(conn):
+            outcomes = _Batch(conn).store(items)
+            conn.commit()
+        return outcomes
 
 
 @dataclass
