@@ -79,17 +79,26 @@ def _pipelined(conn: sa.Connection) -> Iterator[None]:
         yield
         return
     raw: Any = conn.connection.dbapi_connection
-    with raw.pipeline() as pipeline:
+    try:
+        with raw.pipeline() as pipeline:
 
-        def sync(*args: Any) -> None:
-            if not args[-1]:  # a single execute's rows (or rowcount) are read at once
-                pipeline.sync()
+            def sync(*args: Any) -> None:
+                if not args[-1]:  # a single execute's rows (or rowcount) are read at once
+                    pipeline.sync()
 
-        sa.event.listen(conn, "after_cursor_execute", sync)
-        try:
-            yield
-        finally:
-            sa.event.remove(conn, "after_cursor_execute", sync)
+            sa.event.listen(conn, "after_cursor_execute", sync)
+            try:
+                yield
+            finally:
+                sa.event.remove(conn, "after_cursor_execute", sync)
+    except BaseException:
+        # An error aborts the pipeline, and a rollback issued inside it may not take: end the
+        # transaction here, or drop the connection rather than pool it in a failed state.
+        with contextlib.suppress(Exception):
+            raw.rollback()
+        if raw.info.transaction_status != 0:  # not IDLE
+            conn.invalidate()
+        raise
 
 
 def _is_integrity_error(exc: BaseException, engine: sa.Engine) -> bool:

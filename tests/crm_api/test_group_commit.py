@@ -187,3 +187,39 @@ def test_the_subject_fallback_in_a_batch_matches_one_event_at_a_time(tmp_path: P
     assert by_mid["fb1@x"] == by_mid["fb3@x"] == by_mid["fb4@x"]
     assert by_mid["fb2@x"] == by_mid["fb7@x"] != by_mid["fb1@x"]
     assert by_mid["fb5@x"] == by_mid["fb6@x"]
+
+
+@pytest.mark.postgres
+def test_a_unique_race_on_postgres_fails_only_its_event(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch runs in psycopg's pipeline mode there: a unique violation (as when a concurrent
+    request stored the same webhook first) fails the batch, each event is then stored alone,
+    and the connection goes back to the pool usable."""
+    db = Database(pg_url)
+    migrate(db.engine)
+    with Session(db.engine) as session:
+        crud.seed_org(session=session, policy=PolicySettings(company_domains=[COMPANY]))
+        session.commit()
+    first = email_data(owner=f"ann@{COMPANY}", to=["r0@client.example"])
+    assert ingest.store(engine=db.engine, items=[item("email.logged", first, "raced")]) == [
+        "stored"
+    ]
+    # The race: this request's look-up does not see the row the other one stored.
+    monkeypatch.setattr(ingest, "Q_SEEN", ingest.Q_SEEN.where(sa.false()))
+    others = [email_data(owner=f"ann@{COMPANY}", to=[f"r{i}@client.example"]) for i in (1, 2)]
+    results = ingest.store(
+        engine=db.engine,
+        items=[
+            item("email.logged", others[0], "w1"),
+            item("email.logged", {**first, "message_id": "<new@x>"}, "raced"),
+            item("email.logged", others[1], "w2"),
+        ],
+    )
+    assert results[0] == "stored" and results[2] == "stored"
+    assert isinstance(results[1], sa.exc.IntegrityError)
+    monkeypatch.undo()
+    more = email_data(owner=f"ann@{COMPANY}", to=["r3@client.example"])
+    assert ingest.store(engine=db.engine, items=[item("email.logged", more, "w3")]) == ["stored"]
+    assert rows(db, "SELECT count(*) FROM email") == [(4,)]
+    db.dispose()
