@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 from pydantic import ValidationError
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import SQLModel
 
@@ -126,11 +127,19 @@ Q_EMAILS = (
     .join(THREAD, THREAD.c.id == EMAIL.c.thread_id)
     .where(_in(EMAIL.c.message_id, "mids"))
 )
-Q_CHILDREN = (
+_CHILDREN = (
     sa.select(REF.c.ref_message_id, EMAIL.c.thread_id, THREAD.c.subject_key, THREAD.c.last_date)
     .join(EMAIL, EMAIL.c.id == REF.c.email_id)
     .join(THREAD, THREAD.c.id == EMAIL.c.thread_id)
-    .where(_in(REF.c.ref_message_id, "mids"))
+)
+Q_CHILDREN = _CHILDREN.where(_in(REF.c.ref_message_id, "mids"))
+# On PostgreSQL, ``= ANY(:array)``: one statement text whatever the batch size, so psycopg
+# prepares it (planned once per connection), where each ``IN ($1, …, $n)`` length is a new
+# text planned every time; measured a third of this look-up's time. (Not for the other
+# look-ups: the email one, with ten times the values, got a worse generic plan.)
+Q_CHILDREN_PG = _CHILDREN.where(
+    REF.c.ref_message_id
+    == sa.any_(sa.bindparam("mids", type_=postgresql.ARRAY(REF.c.ref_message_id.type)))
 )
 Q_CONTACTS = sa.select(ADDRESS.c.address, ADDRESS.c.contact_id).where(
     _in(ADDRESS.c.address, "addrs")
@@ -268,6 +277,7 @@ class _Batch:
 
     def __init__(self, conn: sa.Connection) -> None:
         self.conn = conn
+        self.q_children = Q_CHILDREN_PG if conn.dialect.name == "postgresql" else Q_CHILDREN
         org = conn.execute(Q_ORG).mappings().first()
         self.auto_create = org["auto_create"] if org else "none"
         self.company = set(json.loads(org["company_domains"])) if org else set()
@@ -361,7 +371,7 @@ class _Batch:
             known[row.message_id] = (row.id, row.thread_id)
             self._saw_thread(row.thread_id, row.subject_key, row.last_date)
         children: dict[str, set[int]] = defaultdict(set)
-        for ref, thread_id, key, last in self.conn.execute(Q_CHILDREN, {"mids": mids}):
+        for ref, thread_id, key, last in self.conn.execute(self.q_children, {"mids": mids}):
             children[ref].add(thread_id)
             self._saw_thread(thread_id, key, last)
         parties = [self._parties(e) for e in events]
