@@ -399,7 +399,10 @@ async def _supervise(args: argparse.Namespace, count: int, stop: asyncio.Event) 
 
     async def keep_running(index: int) -> None:
         while not stop.is_set():
-            child = await asyncio.create_subprocess_exec(*argv, "serve", env=env)
+            child = await asyncio.create_subprocess_exec(
+                *argv, "serve", env=env, stdin=asyncio.subprocess.DEVNULL
+            )
+            log.info("gateway process %d started (pid %d)", index, child.pid)
             stopping = asyncio.create_task(stop.wait())
             exited = asyncio.create_task(child.wait())
             await asyncio.wait({stopping, exited}, return_when=asyncio.FIRST_COMPLETED)
