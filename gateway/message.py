@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import email
-import email.policy
 import hashlib
 import re
 from datetime import UTC, datetime
-from email.headerregistry import Address
+from email.errors import HeaderParseError
+from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime, getaddresses
@@ -122,32 +122,37 @@ def outgoing(raw: bytes, prepend: bytes) -> bytes:
     return prepend + raw
 
 
-def format_address(address: str) -> str:
-    """An address in a human-facing sentence, quoted when it has odd characters."""
+def decoded(value: object) -> str:
+    """A header value with its RFC 2047 encoded words decoded; kept as it came if undecodable."""
     try:
-        return str(Address(addr_spec=address))
-    except (ValueError, IndexError):
-        return repr(address)
+        return str(make_header(decode_header(str(value))))
+    except (ValueError, LookupError, UnicodeError, HeaderParseError):
+        return str(value)
+
+
+def is_attachment(part: Message) -> bool:
+    """A leaf part with a filename or an ``attachment`` disposition.
+
+    This one rule numbers both the attachment list in ``email.logged`` events and the
+    attachment download on the admin API, so a link's index always names the same part.
+    """
+    if part.is_multipart():
+        return False
+    disposition = (part.get_content_disposition() or "").lower()
+    return disposition == "attachment" or bool(part.get_filename())
 
 
 def attachment_of(raw: bytes, index: int) -> tuple[str, str, bytes] | None:
-    """Attachment ``index`` (0-based; parts with a filename or ``attachment`` disposition, in
-    MIME order, the same numbering as the event's attachment list): name, type, bytes."""
-    message = email.message_from_bytes(raw, policy=email.policy.default)
-    found = -1
-    for part in message.walk():
-        if part.is_multipart():
-            continue
-        disposition = (part.get_content_disposition() or "").lower()
-        filename = part.get_filename()
-        if not filename and disposition != "attachment":
-            continue
-        found += 1
-        if found == index:
-            data = part.get_payload(decode=True)
-            return (
-                filename or f"attachment-{index}",
-                part.get_content_type(),
-                data if isinstance(data, bytes) else b"",
-            )
-    return None
+    """Attachment ``index`` (0-based, in MIME order, numbered by :func:`is_attachment`):
+    its file name, content type and decoded bytes."""
+    parts = [p for p in email.message_from_bytes(raw).walk() if is_attachment(p)]
+    if not 0 <= index < len(parts):
+        return None
+    part = parts[index]
+    filename = part.get_filename()
+    data = part.get_payload(decode=True)
+    return (
+        decoded(filename) if filename else f"attachment-{index}",
+        part.get_content_type(),
+        data if isinstance(data, bytes) else b"",
+    )

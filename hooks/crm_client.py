@@ -95,11 +95,6 @@ class CrmClient:
         assert policy is not None
         return MatchAnswer(contacts=contacts, policy=policy)
 
-    def forget(self) -> None:
-        """Drop every cached answer (e.g. after contacts were auto-created)."""
-        self._cache.clear()
-        self._policy.clear()
-
     async def _ask(
         self, batch: Sequence[str], owner: str
     ) -> tuple[dict[str, ContactMatch], Policy]:

@@ -49,6 +49,7 @@ class EmitLogged:
         sighting = item.sighting
         if sighting is None or not sighting.matched:
             return
+        key = dedupe_key(sighting.raw)
         payload = build_email_logged(
             sighting,
             message_row_id=item.id,
@@ -57,8 +58,8 @@ class EmitLogged:
             public_url=self.settings.public_url,
             link_secret=self.settings.link_secret,
             link_lifetime=self.settings.link_lifetime_seconds,
+            key=key,
         )
-        key = dedupe_key(sighting.raw)
         account = sighting.account.id
         event = self.outbox.event("email.logged", payload)
         now = self.clock()

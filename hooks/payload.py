@@ -11,14 +11,12 @@ from __future__ import annotations
 import email
 import re
 from datetime import UTC, datetime
-from email.errors import HeaderParseError
-from email.header import Header, decode_header, make_header
 from email.message import Message
 from email.utils import getaddresses, parsedate_to_datetime
 from typing import Any
 
 from gateway.links import signed_url
-from gateway.message import dedupe_key, normalise_address
+from gateway.message import decoded, dedupe_key, is_attachment, normalise_address
 from gateway.sighting import Sighting
 
 _MSGID = re.compile(r"<([^<>\s]+)>")
@@ -43,17 +41,9 @@ def _truncate(text: str, max_bytes: int) -> tuple[str, bool]:
     return encoded[:max_bytes].decode("utf-8", "ignore"), True
 
 
-def _decoded(value: str | Header) -> str:
-    """RFC 2047 encoded words decoded; anything undecodable kept as it came."""
-    try:
-        return str(make_header(decode_header(str(value))))
-    except (ValueError, LookupError, UnicodeError, HeaderParseError):
-        return str(value)
-
-
 def _header(message: Message, name: str) -> str:
     value = message.get(name)
-    return "" if value is None else _decoded(value)
+    return "" if value is None else decoded(value)
 
 
 def _parties(message: Message, name: str) -> list[dict[str, str]]:
@@ -63,7 +53,7 @@ def _parties(message: Message, name: str) -> list[dict[str, str]]:
         if "@" not in address:
             continue
         parties.append(
-            {"name": clean(_decoded(display), 320), "address": normalise_address(address)[:320]}
+            {"name": clean(decoded(display), 320), "address": normalise_address(address)[:320]}
         )
     return parties[:MAX_PARTIES]
 
@@ -101,48 +91,38 @@ def build_email_logged(
     public_url: str,
     link_secret: str,
     link_lifetime: int,
+    key: str | None = None,
 ) -> dict[str, Any]:
+    """``key``: the email's dedupe key when the caller has it already (see ``dedupe_key``)."""
     raw = sighting.raw
     # compat32 parsing: the default policy's structured headers cost ~1 ms per message, and we
     # decode only the few headers we send, ourselves.
     message = email.message_from_bytes(raw)
-    key = dedupe_key(raw)
+    key = key or dedupe_key(raw)
     message_id = key.removeprefix("mid:")
     text_body = html_body = ""
     attachments: list[dict[str, Any]] = []
     for part in message.walk():
         if part.is_multipart():
             continue
-        disposition = (part.get_content_disposition() or "").lower()
-        filename = part.get_filename()
-        filename = _decoded(filename) if filename else filename
-        content_type = part.get_content_type()
-        if (
-            disposition != "attachment"
-            and not filename
-            and content_type == "text/plain"
-            and not text_body
-        ):
-            text_body = _text(part)
-        elif (
-            disposition != "attachment"
-            and not filename
-            and content_type == "text/html"
-            and not html_body
-        ):
-            html_body = _text(part)
-        elif filename or disposition == "attachment":
+        if is_attachment(part):
+            filename = part.get_filename()
             data = part.get_payload(decode=True)
             index = len(attachments)
+            name = decoded(filename) if filename else f"attachment-{index}"
             path = f"/api/v1/messages/{message_row_id}/attachments/{index}"
             attachments.append(
                 {
-                    "filename": clean(filename or f"attachment-{index}", 500),
-                    "content_type": content_type[:200],
+                    "filename": clean(name, 500),
+                    "content_type": part.get_content_type()[:200],
                     "size": len(data) if isinstance(data, bytes) else 0,
                     "url": signed_url(public_url, path, secret=link_secret, lifetime=link_lifetime),
                 }
             )
+        elif part.get_content_type() == "text/plain" and not text_body:
+            text_body = _text(part)
+        elif part.get_content_type() == "text/html" and not html_body:
+            html_body = _text(part)
     text_body, cut_text = _truncate(clean(text_body), max_body)
     html_body, cut_html = _truncate(clean(html_body), max_body)
     truncated = cut_text or cut_html

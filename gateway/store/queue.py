@@ -459,18 +459,6 @@ class Store:
         result: bool = await self.committer.write(write)
         return result
 
-    async def release(self, message_id: str) -> None:
-        """Give a claim back untouched (shutting down before it was worked on)."""
-
-        def write(connection: Connection) -> None:
-            connection.execute(
-                update(MESSAGE)
-                .where(self._owned(message_id))
-                .values(lease_owner=None, lease_expires_at=None)
-            )
-
-        await self.committer.write(write)
-
     # -- admin operations --------------------------------------------------------------------
 
     async def retry_now(self, message_id: str) -> bool:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import smtplib
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -134,3 +138,25 @@ def add_users(url: str) -> str:
         session.commit()
     engine.dispose()
     return token
+
+
+def start_gateway_process(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """``mailgate serve`` as a real process (so it can be SIGKILLed); returns once SMTP answers."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--config", str(config), "serve"],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=2) as probe:
+                probe.noop()
+            return process
+        except OSError:
+            if process.poll() is not None:
+                raise AssertionError(f"gateway exited: {log.read_text()}") from None
+            time.sleep(0.05)
+    process.kill()
+    raise AssertionError("gateway did not start listening")

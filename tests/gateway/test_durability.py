@@ -11,12 +11,12 @@ import os
 import signal
 import smtplib
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from tests.gateway.conftest import start_gateway_process
 from tests.servers.ports import free_port
 
 SENDERS = 6
@@ -57,31 +57,11 @@ embedded = false
     return path
 
 
-def start(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "--config", str(config), "serve"],
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with smtplib.SMTP("127.0.0.1", port, timeout=2) as probe:
-                probe.noop()
-            return process
-        except OSError:
-            if process.poll() is not None:
-                raise AssertionError(f"gateway exited: {log.read_text()}") from None
-            time.sleep(0.05)
-    process.kill()
-    raise AssertionError("gateway did not start listening")
-
-
 def test_sigkill_under_load_loses_no_accepted_message(tmp_path: Path, ca: Any, sink: Any) -> None:
     port = free_port()
     config = write_config(tmp_path, ca, sink.port, port)
     log = tmp_path / "gateway.log"
-    process = start(config, port, log)
+    process = start_gateway_process(config, port, log)
 
     accepted: list[str] = []
     lock = threading.Lock()
@@ -116,7 +96,7 @@ def test_sigkill_under_load_loses_no_accepted_message(tmp_path: Path, ca: Any, s
     before_restart = set(accepted)
     assert 0 < len(before_restart) < SENDERS * PER_SENDER, "the kill did not land mid-stream"
 
-    process = start(config, port, log)
+    process = start_gateway_process(config, port, log)
     try:
 
         def arrived() -> set[str]:

@@ -7,34 +7,14 @@ import os
 import signal
 import smtplib
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from tests.gateway.conftest import start_gateway_process
 from tests.hooks.conftest import SECRET, Crm, poll
 from tests.servers.ports import free_port
 
 MESSAGES = 40
-
-
-def start(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "--config", str(config), "serve"],
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with smtplib.SMTP("127.0.0.1", port, timeout=2) as probe:
-                probe.noop()
-            return process
-        except OSError:
-            assert process.poll() is None, log.read_text()
-            time.sleep(0.05)
-    process.kill()
-    raise AssertionError("gateway did not start")
 
 
 def test_sigkill_while_dispatching_loses_no_event(
@@ -77,7 +57,7 @@ request_timeout_seconds = 2
 retry_schedule_seconds = [0.5, 0.5, 0.5, 0.5]
 """)
     log = tmp_path / "gateway.log"
-    process = start(config, port, log)
+    process = start_gateway_process(config, port, log)
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         for n in range(MESSAGES):
             client.sendmail(
@@ -90,7 +70,7 @@ retry_schedule_seconds = [0.5, 0.5, 0.5, 0.5]
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=10)
     at_kill = len(crm_server.emails())
-    process = start(config, port, log)
+    process = start_gateway_process(config, port, log)
     try:
         emails = poll(
             lambda: (e := crm_server.emails()) and len(e) >= MESSAGES and e,

@@ -40,10 +40,7 @@ def test_submitted_mail_is_logged_once_and_linked_to_contacts(
         headers={"Authorization": f"Bearer {hooked_gateway.token}"},
     ).json()  # type: ignore[attr-defined]
     assert len(events["events"]) == 1  # the mail to no contact made no event at all
-    poll(
-        lambda: events["events"][0]["deliveries"] == {"delivered": 1} or _delivered(hooked_gateway),
-        what="delivery recorded",
-    )
+    poll(lambda: _delivered(hooked_gateway), what="delivery recorded")
     assert [e["subject"] for e in emails] == ["offer for Bob"]
     email = emails[0]
     assert email["direction"] == "outbound"
