@@ -23,6 +23,7 @@ from sqlmodel import Session
 
 from gateway.api.app import create_api
 from gateway.api.deps import ApiContext
+from gateway.api.send import router as send_routes
 from gateway.capture.api import CaptureService
 from gateway.capture.api import router as capture_routes
 from gateway.capture.door import CaptureListener, build_capture_listener
@@ -33,6 +34,7 @@ from gateway.errors import ConfigError
 from gateway.imap.api import router as imap_routes
 from gateway.imap.service import ImapService
 from gateway.metrics import Metrics
+from gateway.outgoing import AppendSent, Outgoing
 from gateway.pipeline import Step, build_pipelines
 from gateway.relay import Relay
 from gateway.settings import Settings
@@ -105,6 +107,7 @@ class Mailgate:
                 sharing=settings.hooks.submission_sharing, addresses_of=self._addresses_of
             ),
             identify_account=IdentifyAccount(),
+            append_sent=AppendSent(lambda: self.imap.append_sent if self.imap else None),
             capture=(
                 IdentifyOwner(store=self.store, settings=settings.capture),
                 UnwrapForward(settings=settings.capture),
@@ -144,9 +147,16 @@ class Mailgate:
                         "dispatcher": self.dispatcher,
                         "imap": self.imap,
                         "capture": CaptureService(settings=settings),
+                        "outgoing": Outgoing(
+                            store=self.store,
+                            engine=self.engine,
+                            max_message_size=settings.submission.max_message_size,
+                            max_recipients=settings.submission.max_recipients,
+                            wake=self.worker.wake,
+                        ),
                     },
                 ),
-                routers=[webhook_routes(), capture_routes(), imap_routes()],
+                routers=[webhook_routes(), capture_routes(), imap_routes(), send_routes()],
             )
             await self._serve_http(api, settings.api.listen, settings.api.port)
         for app, host, port in self.extra_apps:

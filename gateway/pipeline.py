@@ -34,19 +34,21 @@ def build_pipelines(
     relay: Step,
     identify_sender: Step,
     identify_account: Step,
+    append_sent: Step,
     capture: Sequence[Step] = (),
     hooks: Sequence[Step] = (),
 ) -> dict[str, Sequence[Step]]:
     """Which steps each source's messages take, in order.
 
     ``hooks`` is ``(match-contacts, emit)`` when CRM logging is on; ``capture`` is the capture
-    door's own steps (prove the owner, unwrap forwards) that lead to a sighting.
+    door's own steps (prove the owner, unwrap forwards) that lead to a sighting. Mail the CRM
+    sends (``api``) ends with ``append_sent``: the copy for its mailbox's Sent folder.
     """
     # Without hooks nothing reads a sighting, so the steps that make one are left out too.
     logged: tuple[Step, ...] = (identify_sender, *hooks) if hooks else ()
     pipelines: dict[str, Sequence[Step]] = {
         Source.SUBMISSION.value: (normalise, sign, relay, *logged),
-        Source.API.value: (normalise, sign, relay, *logged),
+        Source.API.value: (normalise, sign, relay, *logged, append_sent),
         Source.IMAP.value: (identify_account, *hooks),
         # Our own DSNs: already complete messages; sign them when we hold the domain's key.
         Source.BOUNCE.value: (sign, relay),

@@ -145,12 +145,18 @@ class IdentifySender:
         raw = outgoing(item.raw, item.prepend)
         headers = item.headers()
         named = set(addresses(headers, "To") + addresses(headers, "Cc"))
+        own = await self.addresses_of(owner)
+        if "account" in item.meta:  # sent by the CRM from a connected mailbox: its account
+            account = AccountRef.from_meta(item.meta["account"])
+            own |= frozenset(item.meta.get("own_addresses", ()))
+        else:
+            account = AccountRef(id=f"user:{owner}", owner=owner, sharing=self.sharing)
         item.sighting = Sighting(
             raw=raw,
-            account=AccountRef(id=f"user:{owner}", owner=owner, sharing=self.sharing),
+            account=account,
             direction="outbound",
             source="api" if item.source == "api" else "submission",
-            own_addresses=await self.addresses_of(owner),
+            own_addresses=own,
             bcc=[r for r in map(normalise_address, item.rcpt_tos) if r not in named],
         )
 
