@@ -31,6 +31,7 @@ from gateway.capture.steps import IdentifyOwner, UnwrapForward
 from gateway.dkim import DkimSigner
 from gateway.dns import make_resolver
 from gateway.errors import ConfigError
+from gateway.imap.api import push_router as imap_push_routes
 from gateway.imap.api import router as imap_routes
 from gateway.imap.service import ImapService
 from gateway.metrics import Metrics
@@ -156,7 +157,13 @@ class Mailgate:
                         ),
                     },
                 ),
-                routers=[webhook_routes(), capture_routes(), imap_routes(), send_routes()],
+                routers=[
+                    webhook_routes(),
+                    capture_routes(),
+                    imap_routes(),
+                    imap_push_routes(),
+                    send_routes(),
+                ],
             )
             await self._serve_http(api, settings.api.listen, settings.api.port)
         for app, host, port in self.extra_apps:

@@ -14,14 +14,22 @@ POST     /api/v1/accounts/{id}/test           log in now: folders, special use, 
 PATCH    /api/v1/accounts/{id}                enable/disable, password, sharing, folders, …
 DELETE   /api/v1/accounts/{id}                disconnect: settings, cursors and links go
 POST     /api/v1/accounts/{id}/actions        CRM to mailbox: delete or archive an email
+PUT      /api/v1/imap/push                    a mail server's news (Dovecot push_notification)
 =======  ===================================  =============================================
+
+The push route is the one not behind an admin token: Dovecot's ``ox`` driver authenticates with
+the credentials in its URL (HTTP Basic, the password being ``[imap] push_secret``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
+import json
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.api.deps import Admin, ApiContext, Context
@@ -128,5 +136,50 @@ def router() -> APIRouter:
             )
         except (AccountError, ConfigError) as exc:
             raise _refused(exc) from None
+
+    return routes
+
+
+def _push_allowed(secret: str, authorization: str) -> bool:
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            _user, _, value = base64.b64decode(value, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(value.encode(), secret.encode())
+
+
+def push_router() -> APIRouter:
+    routes = APIRouter(prefix="/api/v1/imap", tags=["accounts"])
+
+    @routes.api_route("/push", methods=["PUT", "POST"], status_code=202)
+    async def push(context: Context, request: Request) -> dict[str, Any]:
+        """News from a mail server (Dovecot's push_notification ``ox`` driver): the mailbox
+        named by ``user`` is synced now instead of after the server's IDLE delay."""
+        service = _service(context)
+        secret = service.settings.push_secret
+        if not secret:
+            raise HTTPException(404, "push is off in this gateway; set [imap] push_secret")
+        if not _push_allowed(secret, request.headers.get("authorization", "")):
+            raise HTTPException(
+                401,
+                "push needs [imap] push_secret as the password in the server's URL",
+                headers={"WWW-Authenticate": 'Basic realm="mailgate push"'},
+            )
+        body = await request.body()
+        try:
+            news = json.loads(body) if len(body) <= 65536 else None
+        except ValueError:
+            news = None
+        if not isinstance(news, dict) or not isinstance(news.get("user"), str):
+            raise HTTPException(400, 'expected a JSON object with the mailbox\'s "user"')
+        folder = news.get("folder")
+        nudged = await service.pushed(
+            news["user"][:320], folder if isinstance(folder, str) else "INBOX"
+        )
+        return {"nudged": nudged}
 
     return routes

@@ -58,6 +58,8 @@ _NAMED = {
     "\\Drafts": ("drafts", "draft", "[gmail]/drafts"),
 }
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+# Where Dovecot's push_notification "ox" driver looks for who wants news of a mailbox.
+PUSH_METADATA = "/private/vendor/vendor.dovecot/http-notify"
 _CHANGE_RESPONSES = ("EXISTS", "EXPUNGE", "VANISHED", "RECENT")
 _ESEARCH_ALL = re.compile(rb"\bALL ([0-9:,]+)")
 _VANISHED = re.compile(rb"([0-9:,]+)\s*$")
@@ -374,6 +376,18 @@ class ImapConnection:
     @property
     def condstore(self) -> bool:
         return self.has("CONDSTORE") or self.qresync
+
+    @_translated
+    def register_push(self, token: str) -> bool:
+        """Ask the server to push news of this mailbox to us (Dovecot's ``ox`` driver reads this
+        METADATA entry, RFC 5464, and sends ``token`` as the ``user`` of each notification).
+        False when the server has no METADATA or refuses: IDLE and polling still work."""
+        if not self.has("METADATA"):
+            return False
+        value = f"user={token}".replace("\\", "").replace('"', "")
+        entry = f'({PUSH_METADATA} "{value}")'.encode("ascii", "replace")
+        typ, _data = self.client._raw_command(b"SETMETADATA", [b'""', entry], uid=False)
+        return bool(typ == "OK")
 
     @_translated
     def enable_qresync(self) -> None:

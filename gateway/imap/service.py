@@ -51,6 +51,7 @@ from gateway.imap.presets import Provider, load_providers
 from gateway.imap.sync import ACCOUNT, LINK, AccountView, Cursor
 from gateway.imap.sync import Engine as SyncEngine
 from gateway.imap.vault import SecretError, Vault
+from gateway.message import normalise_address
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.store.queue import Store
@@ -274,6 +275,12 @@ class ImapService:
         self.engine.scanned = Counter(
             "mailgate_imap_messages_scanned",
             "Message headers scanned by IMAP sync",
+            registry=metrics.registry,
+        )
+        self.pushes = Counter(
+            "mailgate_imap_pushes",
+            "News pushed by mail servers, by whether a mailbox synced here was nudged",
+            ["result"],
             registry=metrics.registry,
         )
 
@@ -590,6 +597,34 @@ class ImapService:
             appended: bool = await self.io(append)
         return appended
 
+    async def pushed(self, user: str, folder: str) -> int:
+        """A mail server said ``folder`` of ``user`` changed; how many accounts were nudged.
+
+        ``user`` is what we registered (the account id) or, on a server set up without
+        ``user_from_metadata``, its login name. Only accounts this process syncs can be nudged;
+        the others still learn of the change by IDLE or polling.
+        """
+        runner = self.runners.get(user)
+        if runner is not None:
+            runner.nudge(folder)
+            self.pushes.labels(result="nudged").inc()
+            return 1
+        login = user.strip()
+
+        def lookup(session: Session) -> list[str]:
+            query = orm_select(MailAccount.id).where(
+                (MailAccount.username == login) | (MailAccount.email == normalise_address(login))
+            )
+            return list(session.exec(query))
+
+        nudged = 0
+        for account_id in await self.session(lookup):
+            if (runner := self.runners.get(account_id)) is not None:
+                runner.nudge(folder)
+                nudged += 1
+        self.pushes.labels(result="nudged" if nudged else "unknown").inc()
+        return nudged
+
 
 class AccountRunner:
     """One account's life: connect, first sync, then live (IDLE + polling), with backoff."""
@@ -602,6 +637,9 @@ class AccountRunner:
         self.attempt = 0
         self.conn: ImapConnection | None = None
         self._wake = asyncio.Event()
+        # News from the server's push (not a settings change): look now, no reconnect.
+        self._nudge = asyncio.Event()
+        self._others_changed = False
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -609,6 +647,13 @@ class AccountRunner:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def nudge(self, folder: str = INBOX) -> None:
+        """The server pushed news of ``folder``: end IDLE and sync (other folders too if it
+        was not the Inbox, which IDLE watches anyway)."""
+        if folder.upper() != INBOX:
+            self._others_changed = True
+        self._nudge.set()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -714,6 +759,11 @@ class AccountRunner:
                 await self._status(AccountStatus.CONNECTING)
             conn = self.conn = await svc.io(svc.factory.open, endpoint, password)
             self.attempt = 0
+            if svc.settings.push_secret and account.sync_mode != "one_way":
+                # Best effort: a server without METADATA or push is still watched with IDLE.
+                with contextlib.suppress(ImapError):
+                    if await svc.io(conn.register_push, account.id):
+                        log.debug("%s: the server will push news of this mailbox", account.email)
             if account.auth_failures:
                 await self._set(auth_failures=0)
             folders = await svc.io(conn.list_folders)
@@ -768,6 +818,10 @@ class AccountRunner:
         poll_all = False
         last_mark = loop.time()
         while not self._wake.is_set():
+            self._nudge.clear()
+            if self._others_changed:
+                self._others_changed = False
+                poll_all = True
             for cursor in cursors:
                 if cursor is inbox:
                     continue
@@ -793,8 +847,15 @@ class AccountRunner:
                     continue
                 await self._idle(conn, min(wait, svc.settings.idle_refresh_seconds))
             else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                woken = [
+                    asyncio.ensure_future(self._wake.wait()),
+                    asyncio.ensure_future(self._nudge.wait()),
+                ]
+                try:
+                    await asyncio.wait(woken, timeout=wait, return_when="FIRST_COMPLETED")
+                finally:
+                    for waiter in woken:
+                        waiter.cancel()
             poll_all = loop.time() >= next_poll
 
     async def _idle(self, conn: ImapConnection, seconds: float) -> None:
@@ -824,9 +885,12 @@ class AccountRunner:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
+                if self._nudge.is_set():  # the server pushed news: DONE, then look at once
+                    break
                 waits = [
                     asyncio.ensure_future(readable.wait()),
                     asyncio.ensure_future(self._wake.wait()),
+                    asyncio.ensure_future(self._nudge.wait()),
                 ]
                 try:
                     await asyncio.wait(waits, timeout=remaining, return_when="FIRST_COMPLETED")

@@ -72,6 +72,12 @@ class ImapSettings(Section):
     reload_interval_seconds: float = opt(
         30.0, "How often account changes made with the CLI are picked up by `mailgate serve`", gt=0
     )
+    push_secret: str = opt(
+        "",
+        "Shared secret of Dovecot's push_notification (ox driver) posting new-mail news to "
+        "/api/v1/imap/push; set it to have mailboxes on such servers synced at once instead of "
+        "after Dovecot's 0.5 s IDLE delay (empty: IDLE only)",
+    )
     tcp_keepalive_seconds: int = opt(
         60, "TCP keepalive idle time on IMAP sockets, so a dead peer is noticed while idling", ge=1
     )

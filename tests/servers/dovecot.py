@@ -60,11 +60,13 @@ class DovecotServer:
         tls: CertFiles | None = None,
         directory: Path | None = None,
         idle_check_interval: int = 1,
+        push_url: str | None = None,
     ) -> None:
         self.dovecot = require_binary("/usr/sbin/dovecot", "dovecot-imapd")
         self.doveadm_bin = require_binary("/usr/bin/doveadm", "dovecot-imapd")
         self.tls = tls
         self.idle_check_interval = idle_check_interval
+        self.push_url = push_url
         self._own_dir = directory is None
         self.directory = directory if directory is not None else make_temp_dir("dovecot")
         self.config_file = self.directory / "dovecot.conf"
@@ -103,6 +105,23 @@ class DovecotServer:
         else:
             ssl = "ssl = no\ndisable_plaintext_auth = no\n"
             imaps = "port = 0"
+        # Push (RFC 5423 events) to an HTTP endpoint on delivery, for the clients that register
+        # by METADATA (RFC 5464), as Dovecot's push_notification "ox" driver works.
+        push = (
+            f"""mail_attribute_dict = file:%h/dovecot-attributes
+protocol imap {{
+  imap_metadata = yes
+}}
+protocol lmtp {{
+  mail_plugins = $mail_plugins notify push_notification
+}}
+plugin {{
+  push_notification_driver = ox:url={self.push_url} user_from_metadata
+}}
+"""
+            if self.push_url
+            else ""
+        )
         mailboxes = "".join(
             f"  mailbox {name} {{\n    auto = subscribe\n    special_use = {flag}\n  }}\n"
             for name, flag in SPECIAL_FOLDERS.items()
@@ -176,7 +195,7 @@ service auth {{
     mode = 0666
   }}
 }}
-"""
+{push}"""
 
     def _user_file(self, name: str) -> Path:
         return self.users_dir / name
