@@ -33,9 +33,10 @@ from gateway.dns import make_resolver
 from gateway.errors import ConfigError
 from gateway.imap.api import push_router as imap_push_routes
 from gateway.imap.api import router as imap_routes
+from gateway.imap.presets import load_providers
 from gateway.imap.service import ImapService
 from gateway.metrics import Metrics
-from gateway.outgoing import AppendSent, Outgoing
+from gateway.outgoing import AccountRoutes, AppendSent, Outgoing
 from gateway.pipeline import Step, build_pipelines
 from gateway.relay import Relay
 from gateway.settings import Settings
@@ -98,12 +99,17 @@ class Mailgate:
             hostname=settings.server.hostname,
             resolver=make_resolver(settings.dns),
         )
+        self.account_routes = AccountRoutes(
+            service=lambda: self.imap,
+            relay_settings=settings.relay,
+            hostname=settings.server.hostname,
+        )
         signer = DkimSigner.from_settings(settings.dkim) if settings.dkim.enabled else None
         hooks = await self._start_hooks()
         pipelines = build_pipelines(
             normalise=Normalise(hostname=settings.server.hostname),
             sign=DkimSign(signer),
-            relay=RelayUpstream(self.relay),
+            relay=RelayUpstream(self.relay, route=self.account_routes.relay_for),
             identify_sender=IdentifySender(
                 sharing=settings.hooks.submission_sharing, addresses_of=self._addresses_of
             ),
@@ -154,6 +160,13 @@ class Mailgate:
                             max_message_size=settings.submission.max_message_size,
                             max_recipients=settings.submission.max_recipients,
                             wake=self.worker.wake,
+                            saves_sent=frozenset(
+                                key
+                                for key, preset in load_providers(
+                                    settings.imap.providers_file
+                                ).items()
+                                if preset.saves_sent
+                            ),
                         ),
                     },
                 ),
@@ -305,6 +318,7 @@ class Mailgate:
         await self.webhook_client.aclose()
         await self.crm_http.aclose()
         await self.relay.aclose()
+        await self.account_routes.aclose()
         await self.committer.stop()
         self.engine.dispose()
 

@@ -8,6 +8,13 @@ so the CRM cannot make the gateway write someone else's From. The draft becomes 
 the worker signs it, relays it, logs it back to the CRM and, when it came from an account, copies
 it into that account's Sent folder (:class:`AppendSent`), in both sync modes since one-way
 means "only mail sent from the CRM goes to the mailbox".
+
+Mail from a mailbox that has an SMTP server (every provider preset; a custom set-up with
+``smtp_host``) is submitted there, logged in as the mailbox (:class:`AccountRoutes`): a Gmail or
+Microsoft 365 address must leave through its own provider to pass DMARC at the recipient. A
+provider that files SMTP submissions in Sent by itself (``saves_sent`` in the presets) gets no
+APPEND from us. Mail from a rep's own address, or a mailbox without SMTP, takes the gateway's
+configured route like submitted mail.
 """
 
 from __future__ import annotations
@@ -23,12 +30,15 @@ from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from gateway.compose import Draft, bracketed, compose, new_message_id
-from gateway.errors import Defer
+from gateway.errors import Defer, Reject
 from gateway.imap.accounts import AccountError, account_ref, find_account
 from gateway.imap.errors import ImapError
 from gateway.imap.models import MailAccount
+from gateway.imap.service import ImapService
 from gateway.imap.vault import SecretError
 from gateway.message import normalise_address, outgoing
+from gateway.relay import Relay
+from gateway.settings import RelaySettings
 from gateway.store.models import Source
 from gateway.store.queue import NewMessage, QueuedMessage, Store
 from gateway.users import UserError, get_user, identity_of
@@ -50,6 +60,8 @@ class Sender:
     owner: str  # the rep whose conversation this is
     account: dict[str, Any] | None  # AccountRef.as_meta() of the mailbox, when there is one
     own_addresses: frozenset[str]
+    via_account: bool = False  # submitted through the mailbox's own SMTP server
+    provider: str = "custom"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +71,7 @@ class Accepted:
     sender: str
     account_id: str | None
     recipients: int
+    route: str  # "account" (the mailbox's SMTP server) or "gateway"
 
 
 def resolve_sender(session: Session, *, account: str | None, user: str | None) -> Sender:
@@ -96,7 +109,26 @@ def _from_account(account: MailAccount) -> Sender:
         owner=account.owner,
         account=account_ref(account).as_meta(),
         own_addresses=frozenset({account.email, account.owner}),
+        via_account=bool(account.smtp_host),
+        provider=account.provider,
     )
+
+
+def queue_meta(
+    sender: Sender, *, bcc: Sequence[str], saves_sent: frozenset[str], requested_by: str
+) -> dict[str, Any]:
+    """What the worker's steps need to know of a CRM send: its account, route and Sent copy."""
+    meta: dict[str, Any] = {"requested_by": requested_by}
+    if sender.account is None:
+        return meta
+    meta["account"] = sender.account
+    meta["own_addresses"] = sorted(sender.own_addresses)
+    if sender.via_account:
+        meta["via_account"] = sender.account["id"]
+    if not (sender.via_account and sender.provider in saves_sent):
+        # The copy for the Sent folder names the blind copies, as a mail client's does.
+        meta["sent_copy"] = {"account_id": sender.account["id"], "bcc": list(bcc)}
+    return meta
 
 
 class Outgoing:
@@ -110,7 +142,9 @@ class Outgoing:
         max_message_size: int,
         max_recipients: int,
         wake: Callable[[str], None],
+        saves_sent: frozenset[str] = frozenset(),
     ) -> None:
+        self.saves_sent = saves_sent  # provider presets that file SMTP submissions in Sent
         self.store = store
         self.engine = engine
         self.max_message_size = max_message_size
@@ -165,12 +199,7 @@ class Outgoing:
                 f"{self.max_message_size:,} (submission.max_message_size)",
                 status=413,
             )
-        meta: dict[str, Any] = {"requested_by": requested_by}
-        if sender.account is not None:
-            meta["account"] = sender.account
-            meta["own_addresses"] = sorted(sender.own_addresses)
-            # The copy for the Sent folder names the blind copies, as a mail client's does.
-            meta["sent_copy"] = {"account_id": sender.account["id"], "bcc": list(bcc)}
+        meta = queue_meta(sender, bcc=bcc, saves_sent=self.saves_sent, requested_by=requested_by)
         stored = await self.store.accept(
             NewMessage(
                 source=Source.API.value,
@@ -191,6 +220,7 @@ class Outgoing:
             sender=sender.address,
             account_id=sender.account["id"] if sender.account else None,
             recipients=len(recipients),
+            route="account" if sender.via_account else "gateway",
         )
 
 
@@ -234,3 +264,76 @@ class AppendSent:
             raise Defer(f"451 4.4.0 sent; the copy to the Sent folder failed: {exc}") from None
         if not appended:
             log.warning("message %s: account %s has no Sent folder", item.id, copy["account_id"])
+
+
+class AccountRoutes:
+    """Relays that submit through a connected mailbox's own SMTP server, one per account.
+
+    The worker's relay step asks :meth:`relay_for` first; ``None`` means the gateway's route.
+    Each relay logs in as the mailbox (its username, its decrypted password) with the
+    account's TLS choice, and is rebuilt when the account changes (a new password).
+    """
+
+    def __init__(
+        self,
+        *,
+        service: Callable[[], ImapService | None],
+        relay_settings: RelaySettings,
+        hostname: str,
+    ) -> None:
+        self.service = service
+        self.relay_settings = relay_settings
+        self.hostname = hostname
+        self._relays: dict[str, tuple[float, Relay]] = {}
+
+    async def relay_for(self, item: QueuedMessage) -> Relay | None:
+        account_id = item.meta.get("via_account")
+        if not account_id:
+            return None
+        service = self.service()
+        if service is None:
+            raise Defer("451 4.3.0 IMAP accounts are off in this gateway; the mailbox's SMTP waits")
+        account = await service.session(lambda s: s.get(MailAccount, account_id))
+        if account is None:
+            raise Reject(
+                "550 5.7.0 the mailbox this was sent from was disconnected; send it again from "
+                "the CRM"
+            )
+        cached = self._relays.get(account_id)
+        if cached is not None and cached[0] == account.updated_at:
+            return cached[1]
+        try:
+            password = service.vault.decrypt(account.secret)
+        except SecretError as exc:
+            raise Defer(f"451 4.3.0 the mailbox password cannot be read: {exc}") from None
+        relay = Relay(
+            self.relay_settings.model_copy(
+                update={
+                    "mode": "smarthost",
+                    "host": account.smtp_host,
+                    "port": account.smtp_port,
+                    "security": _RELAY_SECURITY[account.smtp_security],
+                    "require_tls": account.smtp_security != "none",
+                    "verify_certificate": not account.allow_unverified_certificate,
+                    "ca_file": service.settings.ca_file,
+                    "username": account.username or account.email,
+                    "password": password,
+                    # Providers cap connections per mailbox; a rep sends a few mails at a time.
+                    "max_connections": 2,
+                }
+            ),
+            hostname=self.hostname,
+        )
+        if cached is not None:
+            await cached[1].aclose()
+        self._relays[account_id] = (account.updated_at, relay)
+        return relay
+
+    async def aclose(self) -> None:
+        for _updated, relay in self._relays.values():
+            await relay.aclose()
+        self._relays.clear()
+
+
+# The account's words for SMTP security, in the relay's.
+_RELAY_SECURITY = {"ssl": "tls", "starttls": "starttls", "none": "none"}

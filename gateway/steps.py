@@ -95,13 +95,20 @@ class RelayUpstream:
     name = "relay"
     durable = True
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        *,
+        route: Callable[[QueuedMessage], Awaitable[Relay | None]] | None = None,
+    ) -> None:
         self.relay = relay
+        self.route = route  # a message's own route (a mailbox's SMTP server), if it has one
 
     async def __call__(self, item: QueuedMessage) -> None:
         if not item.pending_recipients:
             return
-        results = await self.relay.send(
+        relay = (await self.route(item) if self.route else None) or self.relay
+        results = await relay.send(
             item.mail_from, item.pending_recipients, outgoing(item.raw, item.prepend)
         )
         temporary = []

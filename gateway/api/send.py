@@ -134,6 +134,7 @@ def router() -> APIRouter:
             "from": accepted.sender,
             "account_id": accepted.account_id,
             "recipients": accepted.recipients,
+            "route": accepted.route,
             "state": "queued",
         }
 

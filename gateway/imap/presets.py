@@ -37,6 +37,8 @@ class Provider:
     smtp_port: int
     smtp_security: Security
     max_connections: int = 2
+    # The provider files mail submitted over its SMTP in Sent by itself (no APPEND from us).
+    saves_sent: bool = False
     app_password_hint: str = GENERIC_APP_PASSWORD_HINT
     imap_disabled_hint: str = GENERIC_IMAP_DISABLED_HINT
 
@@ -85,6 +87,7 @@ def _provider(key: str, table: dict[str, object]) -> Provider:
         smtp_port=int(cast(int, table["smtp_port"])),
         smtp_security=security("smtp_security"),
         max_connections=int(cast(int, table.get("max_connections", 2))),
+        saves_sent=bool(table.get("saves_sent", False)),
         app_password_hint=str(table.get("app_password_hint", GENERIC_APP_PASSWORD_HINT)),
         imap_disabled_hint=str(table.get("imap_disabled_hint", GENERIC_IMAP_DISABLED_HINT)),
     )

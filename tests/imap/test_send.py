@@ -24,6 +24,7 @@ from tests.hooks.conftest import Crm, hooked_settings, poll
 from tests.imap.conftest import SECRET_KEY
 from tests.servers.certs import TestCA
 from tests.servers.dovecot import DovecotServer
+from tests.servers.postfix import PostfixRelay
 
 # The bundled CRM under uvicorn, as the hooks tests use it.
 crm_server = hooks_fixtures.crm_server
@@ -281,3 +282,63 @@ def test_refusals_are_4xx_with_a_sentence_and_queue_nothing(
         queued = connection.execute(text("SELECT count(*) FROM message")).scalar_one()
     engine.dispose()
     assert queued == 0 and sink.messages == []
+
+
+def test_mail_from_a_mailbox_with_smtp_leaves_through_its_own_server(
+    gateway: RunningGateway,
+    crm_server: Crm,
+    sink: Any,
+    dovecot: DovecotServer,
+    ca: TestCA,
+    postfix_auth: PostfixRelay,
+) -> None:
+    api = _client(gateway)
+    crm_server.add_contact("erin@customer.test")
+    mailbox, password = dovecot.new_user("smtp")
+    created = api.post(
+        "/api/v1/accounts",
+        json={
+            "email": mailbox,
+            "password": password,
+            "imap_host": "localhost",
+            "imap_port": dovecot.imaps_port,
+            "imap_security": "ssl",
+            # The mailbox's own submission server: Postfix relaying only after AUTH as this user.
+            "smtp_host": "localhost",
+            "smtp_port": postfix_auth.port,
+            "smtp_security": "starttls",
+            "kind": "shared",
+        },
+    )
+    assert created.status_code == 201, created.text
+    account = created.json()["id"]
+    sent = api.post(
+        "/api/v1/messages",
+        json={"account": account, "to": ["erin@customer.test"], "subject": "own", "text": "x"},
+    )
+    assert sent.status_code == 202, sent.text
+    assert sent.json()["route"] == "account"
+    relayed = postfix_auth.sink.wait_for_rcpt("erin@customer.test", timeout=30)
+    assert relayed.mail_from == mailbox
+    assert email.message_from_bytes(relayed.data)["Subject"] == "own"
+    assert not [m for m in sink.messages if "erin@customer.test" in m.rcpt_tos]
+    poll(lambda: _sent_folder(dovecot, ca, mailbox, password) or None, what="the Sent copy")
+    emails = poll(lambda: crm_server.emails() or None, what="the email in the CRM")
+    assert {a["account_id"] for a in emails[0]["accounts"]} == {account}
+
+
+def test_providers_that_file_smtp_mail_in_sent_get_no_second_copy() -> None:
+    from gateway.imap.presets import load_providers
+    from gateway.outgoing import Sender, queue_meta
+
+    saves = frozenset(k for k, p in load_providers().items() if p.saves_sent)
+    assert {"gmail", "microsoft365", "outlook"} <= saves
+    ref = {"id": "acct_1", "owner": REP}
+
+    def meta(via: bool, provider: str) -> dict[str, Any]:
+        sender = Sender("a@x.test", REP, ref, frozenset(), via_account=via, provider=provider)
+        return queue_meta(sender, bcc=["b@x.test"], saves_sent=saves, requested_by="admin")
+
+    assert "sent_copy" not in meta(True, "gmail") and meta(True, "gmail")["via_account"]
+    assert meta(False, "gmail")["sent_copy"] == {"account_id": "acct_1", "bcc": ["b@x.test"]}
+    assert "sent_copy" in meta(True, "custom") and "via_account" not in meta(False, "custom")
