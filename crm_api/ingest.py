@@ -60,36 +60,35 @@ ACCOUNT, SELECTION, ADDRESS = _T["mail_account"], _T["account_selection"], _T["c
 CONTACT, USER, ORG = _T["contact"], _T["user"], _T["org_settings"]
 
 
-def _bulk_insert(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
-    """Insert many rows. On PostgreSQL, inside :func:`_pipelined` (as every batch is), a plain
-    executemany is queued in psycopg's pipeline and goes out with the batch's other writes and
-    its COMMIT in one round trip; SQLite's C-level executemany is already the fast path."""
-    if not rows:
-        return
-    conn.execute(sa.insert(table), rows)
-
-
 @contextlib.contextmanager
-def _pipelined(conn: sa.Connection) -> Iterator[None]:
-    """On PostgreSQL, run the block in psycopg 3's pipeline mode: BEGIN and the executemany
-    writes, whose results are not read, are queued and sent together with the next statement
-    that is read (a single execute syncs at once, before SQLAlchemy looks at its rows) or with
-    the COMMIT, instead of one round trip each. Errors still surface, at the latest on
-    COMMIT, so a batch fails whole exactly as before."""
+def _pipelined(conn: sa.Connection) -> Iterator[Any]:
+    """On PostgreSQL, run the block in psycopg 3's pipeline mode and yield the pipeline (None
+    elsewhere): BEGIN and every write whose result is not read are queued and sent together
+    with the next statement that is read (such a statement syncs at once, before SQLAlchemy
+    looks at its rows) or with the COMMIT, instead of one round trip each. Errors still
+    surface, at the latest on COMMIT, so a batch fails whole exactly as before."""
     if conn.dialect.name != "postgresql":
-        yield
+        yield None
         return
     raw: Any = conn.connection.dbapi_connection
     try:
         with raw.pipeline() as pipeline:
+            # psycopg prepares a statement run five times on a connection, and PostgreSQL then
+            # settles on a generic plan made without the arrays' contents: made while a table
+            # was small, that plan kept scanning the whole email table as it grew (measured:
+            # the batch twice as slow). A custom plan per execution costs a few tens of µs.
+            raw.execute("SET LOCAL plan_cache_mode = force_custom_plan")
 
             def sync(*args: Any) -> None:
-                if not args[-1]:  # a single execute's rows (or rowcount) are read at once
-                    pipeline.sync()
+                context, executemany = args[-2], args[-1]
+                # A write with nothing to read back (no RETURNING) stays queued.
+                if executemany or (context.is_crud and not context.compiled.effective_returning):
+                    return
+                pipeline.sync()
 
             sa.event.listen(conn, "after_cursor_execute", sync)
             try:
-                yield
+                yield pipeline
             finally:
                 sa.event.remove(conn, "after_cursor_execute", sync)
     except BaseException:
@@ -102,6 +101,54 @@ def _pipelined(conn: sa.Connection) -> Iterator[None]:
         raise
 
 
+class _Reads:
+    """Independent SELECTs gathered and answered together. On PostgreSQL, inside the batch's
+    pipeline, each is queued on a cursor of its own and one sync answers them all: one round
+    trip instead of one per statement (on a loaded machine each round trip also waits for
+    the writer thread to be scheduled and to win the GIL back). Elsewhere they run in turn.
+
+    ``add`` returns a function giving the statement's rows as tuples once :meth:`run` ran."""
+
+    def __init__(self, conn: sa.Connection, pipeline: Any) -> None:
+        self.conn = conn
+        self.pipeline = pipeline
+
+    def add(
+        self, stmt: sa.Select[Any], params: dict[str, Any] | None = None
+    ) -> Callable[[], list[tuple[Any, ...]]]:
+        if self.pipeline is None:
+            rows = [tuple(row) for row in self.conn.execute(stmt, params or {})]
+            return lambda: rows
+        raw: Any = self.conn.connection.dbapi_connection
+        cursor = raw.cursor()
+        sql, defaults = _pg_sql(stmt, self.conn.dialect)
+        cursor.execute(sql, {**defaults, **(params or {})})
+
+        def fetch() -> list[tuple[Any, ...]]:
+            with cursor:
+                return list(cursor.fetchall())
+
+        return fetch
+
+    def run(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.sync()
+
+
+_PG_SQL: dict[int, tuple[sa.ClauseElement, str, dict[str, Any]]] = {}
+
+
+def _pg_sql(stmt: sa.ClauseElement, dialect: sa.Dialect) -> tuple[str, dict[str, Any]]:
+    """``stmt`` compiled for psycopg once, for running on a raw cursor: its text (parameters
+    named ``%(name)s``, as in the dict given to :meth:`_Reads.add`) and the values of the
+    parameters it carries itself."""
+    cached = _PG_SQL.get(id(stmt))
+    if cached is None or cached[0] is not stmt:
+        compiled = stmt.compile(dialect=dialect)
+        cached = _PG_SQL[id(stmt)] = (stmt, str(compiled), dict(compiled.params))
+    return cached[1], cached[2]
+
+
 def _is_integrity_error(exc: BaseException, engine: sa.Engine) -> bool:
     """A unique-key race, as SQLAlchemy wraps it or (from a pipeline's sync) as the driver
     raises it."""
@@ -112,65 +159,148 @@ def _is_integrity_error(exc: BaseException, engine: sa.Engine) -> bool:
     )
 
 
-def _in(column: sa.ColumnElement[Any], name: str) -> sa.ColumnElement[bool]:
-    return column.in_(sa.bindparam(name, expanding=True))
+def _unnest(**arrays: sa.types.TypeEngine[Any]) -> Any:
+    """PostgreSQL's ``unnest(:a, :b, …) AS t(a, b, …)``: one array parameter per column, so
+    a batch's rows travel as a handful of arrays in one statement whose text never changes
+    (psycopg prepares it once per connection), instead of a statement per row or a VALUES
+    list whose text, and plan, changes with every batch size."""
+    params = [sa.bindparam(name, type_=postgresql.ARRAY(type_)) for name, type_ in arrays.items()]
+    return sa.func.unnest(*params).table_valued(*arrays).render_derived()
 
 
-# Built once: SQLAlchemy then only looks their compiled form up in its cache.
-Q_SEEN = sa.select(EVENT.c.webhook_id).where(_in(EVENT.c.webhook_id, "ids"))
-# The thread's subject key and last date come along: the batch needs them to choose a
-# subject-and-participants fallback exactly as one event at a time would.
-Q_EMAILS = (
-    sa.select(
-        EMAIL.c.message_id, EMAIL.c.id, EMAIL.c.thread_id, THREAD.c.subject_key, THREAD.c.last_date
-    )
-    .join(THREAD, THREAD.c.id == EMAIL.c.thread_id)
-    .where(_in(EMAIL.c.message_id, "mids"))
-)
-_CHILDREN = (
-    sa.select(REF.c.ref_message_id, EMAIL.c.thread_id, THREAD.c.subject_key, THREAD.c.last_date)
-    .join(EMAIL, EMAIL.c.id == REF.c.email_id)
-    .join(THREAD, THREAD.c.id == EMAIL.c.thread_id)
-)
-Q_CHILDREN = _CHILDREN.where(_in(REF.c.ref_message_id, "mids"))
-# On PostgreSQL, ``= ANY(:array)``: one statement text whatever the batch size, so psycopg
-# prepares it (planned once per connection), where each ``IN ($1, …, $n)`` length is a new
-# text planned every time; measured a third of this look-up's time. (Not for the other
-# look-ups: the email one, with ten times the values, got a worse generic plan.)
-Q_CHILDREN_PG = _CHILDREN.where(
-    REF.c.ref_message_id
-    == sa.any_(sa.bindparam("mids", type_=postgresql.ARRAY(REF.c.ref_message_id.type)))
-)
-Q_CONTACTS = sa.select(ADDRESS.c.address, ADDRESS.c.contact_id).where(
-    _in(ADDRESS.c.address, "addrs")
-)
-Q_USERS = sa.select(USER.c.email, USER.c.id).where(_in(USER.c.email, "addrs"))
-Q_OWNERS = sa.select(ACCOUNT.c.owner).where(_in(ACCOUNT.c.owner, "addrs")).distinct()
-Q_ACCOUNTS = sa.select(ACCOUNT.c.id, ACCOUNT.c.owner, ACCOUNT.c.kind, ACCOUNT.c.sharing).where(
-    _in(ACCOUNT.c.id, "ids")
-)
-Q_SELECTED = sa.select(SELECTION.c.account_id, SELECTION.c.address).where(
-    _in(SELECTION.c.account_id, "ids")
-)
-Q_LINKS = sa.select(LINK.c.email_id, LINK.c.account_id).where(_in(LINK.c.email_id, "eids"))
-# Every (thread, participant address) pair for the batch's subject keys and addresses, for
-# all of its fallback lookups at once.
-Q_FALLBACK = (
-    sa.select(THREAD.c.id, THREAD.c.subject_key, THREAD.c.last_date, PART.c.address)
-    .distinct()
-    .join(EMAIL, EMAIL.c.thread_id == THREAD.c.id)
-    .join(PART, PART.c.email_id == EMAIL.c.id)
-    .where(_in(THREAD.c.subject_key, "keys"), _in(PART.c.address, "addrs"))
-)
-Q_ORG = sa.select(ORG).where(ORG.c.id == 1)
-INSERT_EMAILS = sa.insert(EMAIL).returning(EMAIL.c.id, sort_by_parameter_order=True)
-INSERT_THREAD = sa.insert(THREAD).returning(THREAD.c.id)
-INSERT_CONTACT = sa.insert(CONTACT).returning(CONTACT.c.id)
-TOUCH_THREAD = (
-    sa.update(THREAD)
-    .where(THREAD.c.id == sa.bindparam("tid"), THREAD.c.last_date < sa.bindparam("newest"))
-    .values(last_date=sa.bindparam("newest"))
-)
+def _unnest_insert(table: sa.Table, columns: Sequence[str]) -> sa.Insert:
+    rows = _unnest(**{name: table.c[name].type for name in columns})
+    return sa.insert(table).from_select(list(columns), sa.select(*rows.c))
+
+
+class _Statements:
+    """The batch's statements for one dialect, built once: SQLAlchemy then only looks their
+    compiled form up in its cache. On PostgreSQL a set of keys is one array parameter
+    (``= ANY(:keys)``) and many rows are a few arrays (:func:`_unnest`): each statement has
+    one text whatever the batch size, so psycopg parses it once and PostgreSQL plans it once
+    per connection. ``IN (…)`` lists and VALUES lists (SQLite's way) are a new text for each
+    length: parsed by psycopg's regex every time (its cache stops at 50 parameters), parsed
+    and planned by the server every time."""
+
+    def __init__(self, postgres: bool) -> None:
+        def member(column: sa.ColumnElement[Any], name: str) -> sa.ColumnElement[bool]:
+            if postgres:
+                return column == sa.any_(sa.bindparam(name, type_=postgresql.ARRAY(column.type)))
+            return column.in_(sa.bindparam(name, expanding=True))
+
+        self.postgres = postgres
+        self.org = sa.select(
+            ORG.c.auto_create,
+            ORG.c.company_domains,
+            ORG.c.excluded_domains,
+            ORG.c.group_local_parts,
+        ).where(ORG.c.id == 1)
+        self.seen = sa.select(EVENT.c.webhook_id).where(member(EVENT.c.webhook_id, "ids"))
+        # The thread's subject key and last date come along: the batch needs them to choose a
+        # subject-and-participants fallback exactly as one event at a time would.
+        self.emails = (
+            sa.select(
+                EMAIL.c.message_id,
+                EMAIL.c.id,
+                EMAIL.c.thread_id,
+                THREAD.c.subject_key,
+                THREAD.c.last_date,
+            )
+            .join(THREAD, THREAD.c.id == EMAIL.c.thread_id)
+            .where(member(EMAIL.c.message_id, "mids"))
+        )
+        self.children = (
+            sa.select(
+                REF.c.ref_message_id, EMAIL.c.thread_id, THREAD.c.subject_key, THREAD.c.last_date
+            )
+            .join(EMAIL, EMAIL.c.id == REF.c.email_id)
+            .join(THREAD, THREAD.c.id == EMAIL.c.thread_id)
+            .where(member(REF.c.ref_message_id, "mids"))
+        )
+        self.contacts = sa.select(ADDRESS.c.address, ADDRESS.c.contact_id).where(
+            member(ADDRESS.c.address, "addrs")
+        )
+        self.users = sa.select(USER.c.email, USER.c.id).where(member(USER.c.email, "addrs"))
+        self.owners = sa.select(ACCOUNT.c.owner, ACCOUNT.c.id).where(
+            member(ACCOUNT.c.owner, "addrs")
+        )
+        self.accounts = sa.select(
+            ACCOUNT.c.id, ACCOUNT.c.owner, ACCOUNT.c.kind, ACCOUNT.c.sharing
+        ).where(member(ACCOUNT.c.id, "ids"))
+        self.selected = sa.select(SELECTION.c.account_id, SELECTION.c.address).where(
+            member(SELECTION.c.account_id, "ids")
+        )
+        # By Message-ID rather than email id, so that it goes with the other look-ups.
+        self.links = (
+            sa.select(EMAIL.c.message_id, LINK.c.account_id)
+            .join(EMAIL, EMAIL.c.id == LINK.c.email_id)
+            .where(member(EMAIL.c.message_id, "mids"))
+        )
+        # Every (thread, participant address) pair for the batch's subject keys and
+        # addresses, for all of its fallback lookups at once.
+        self.fallback = (
+            sa.select(THREAD.c.id, THREAD.c.subject_key, THREAD.c.last_date, PART.c.address)
+            .distinct()
+            .join(EMAIL, EMAIL.c.thread_id == THREAD.c.id)
+            .join(PART, PART.c.email_id == EMAIL.c.id)
+            .where(member(THREAD.c.subject_key, "keys"), member(PART.c.address, "addrs"))
+        )
+        self.insert_thread = sa.insert(THREAD).returning(THREAD.c.id)
+        self.insert_contact = sa.insert(CONTACT).returning(CONTACT.c.id)
+        self.touch_thread = (
+            sa.update(THREAD)
+            .where(THREAD.c.id == sa.bindparam("tid"), THREAD.c.last_date < sa.bindparam("newest"))
+            .values(last_date=sa.bindparam("newest"))
+        )
+        # Many rows at once: executemany on SQLite (its C loop is the fast path), unnest on
+        # PostgreSQL; the new emails' ids come back by Message-ID, which is unique.
+        self.insert_many: dict[str, sa.Insert] = {}
+        self.email_columns = [c.name for c in EMAIL.c if c.name != "id"]
+        if postgres:
+            self.insert_emails = _unnest_insert(EMAIL, self.email_columns).returning(
+                EMAIL.c.message_id, EMAIL.c.id
+            )
+            newer = _unnest(tid=THREAD.c.id.type, newest=THREAD.c.last_date.type)
+            self.touch_threads = (
+                sa.update(THREAD)
+                .where(THREAD.c.id == newer.c.tid, THREAD.c.last_date < newer.c.newest)
+                .values(last_date=newer.c.newest)
+            )
+        else:
+            self.insert_emails = sa.insert(EMAIL).returning(EMAIL.c.message_id, EMAIL.c.id)
+            self.touch_threads = self.touch_thread
+
+    def insert(self, table: sa.Table, columns: Sequence[str]) -> sa.Insert:
+        """The many-rows INSERT of ``columns`` into ``table``."""
+        key = f"{table.name}({','.join(columns)})"
+        stmt = self.insert_many.get(key)
+        if stmt is None:
+            stmt = self.insert_many[key] = (
+                _unnest_insert(table, columns) if self.postgres else sa.insert(table)
+            )
+        return stmt
+
+
+STATEMENTS = {"postgresql": _Statements(postgres=True), "sqlite": _Statements(postgres=False)}
+
+
+def _bulk_insert(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+    """Insert many rows (dicts with the same keys): as columns of arrays on PostgreSQL, where
+    inside the batch's pipeline the statement is queued and goes out with the COMMIT; as an
+    executemany on SQLite."""
+    if not rows:
+        return
+    stmts = STATEMENTS[conn.dialect.name]
+    columns = list(rows[0])
+    if stmts.postgres:
+        conn.execute(stmts.insert(table, columns), _columns(rows, columns))
+    else:
+        conn.execute(stmts.insert(table, columns), rows)
+
+
+def _columns(rows: list[dict[str, Any]], columns: Sequence[str]) -> dict[str, list[Any]]:
+    """Rows as one list per column (the arrays of :func:`_unnest`)."""
+    return {name: [row[name] for row in rows] for name in columns}
 
 
 # --- parsing --------------------------------------------------------------------------------
@@ -252,8 +382,9 @@ def _store_alone(engine: sa.Engine, item: Item) -> Outcome | Exception:
 def _store_batch(engine: sa.Engine, items: Sequence[Item]) -> list[Outcome]:
     """One transaction; the COMMIT is sent inside the pipeline, with the last writes."""
     with engine.connect() as conn:
-        with _pipelined(conn):
-            outcomes = _Batch(conn).store(items)
+        conn.begin()  # (so that COMMIT also covers a batch that only read, on raw cursors)
+        with _pipelined(conn) as pipeline:
+            outcomes = _Batch(conn, pipeline).store(items)
             conn.commit()
         return outcomes
 
@@ -272,17 +403,50 @@ class _Pending:
     email_id: int | None = None
 
 
+@dataclass
+class _Facts:
+    """What the batch needs from one ``email.logged`` event, worked out once."""
+
+    item: Item
+    ev: EmailLogged
+    mid: str  # the normalised Message-ID
+    refs: list[str]  # its thread keys, In-Reply-To last
+    parties: list[tuple[str, str, str]]  # role, name, normalised address
+    owner: str  # the account's owner, normalised
+
+
+class _Stored:
+    """The stored side of a run of ``email.logged`` events, asked for in one :class:`_Reads`
+    round trip: their accounts, the emails they are or refer to, the emails that refer to
+    them, and who their addresses are."""
+
+    def __init__(self, reads: _Reads, sql: _Statements, facts: Sequence[_Facts]) -> None:
+        ids = sorted({f.ev.account.id for f in facts})
+        mids = sorted({f.mid for f in facts})
+        addresses = sorted({a for f in facts for _, _, a in f.parties} | {f.owner for f in facts})
+        self.accounts = reads.add(sql.accounts, {"ids": ids})
+        self.selected = reads.add(sql.selected, {"ids": ids})
+        self.emails = reads.add(
+            sql.emails, {"mids": sorted({*mids, *(r for f in facts for r in f.refs)})}
+        )
+        self.children = reads.add(sql.children, {"mids": mids})
+        self.contacts = reads.add(sql.contacts, {"addrs": addresses})
+        self.users = reads.add(sql.users, {"addrs": addresses})
+        self.owners = reads.add(sql.owners, {"addrs": addresses})
+        self.links = reads.add(sql.links, {"mids": mids})
+
+
 class _Batch:
     """Stores a sequence of events on one connection, in one transaction."""
 
-    def __init__(self, conn: sa.Connection) -> None:
+    def __init__(self, conn: sa.Connection, pipeline: Any = None) -> None:
         self.conn = conn
-        self.q_children = Q_CHILDREN_PG if conn.dialect.name == "postgresql" else Q_CHILDREN
-        org = conn.execute(Q_ORG).mappings().first()
-        self.auto_create = org["auto_create"] if org else "none"
-        self.company = set(json.loads(org["company_domains"])) if org else set()
-        self.excluded = (set(json.loads(org["excluded_domains"])) if org else set()) | self.company
-        self.groups = set(json.loads(org["group_local_parts"])) if org else set()
+        self.pipeline = pipeline
+        self.sql = STATEMENTS[conn.dialect.name]
+        self.auto_create = "none"
+        self.company: set[str] = set()
+        self.excluded: set[str] = set()
+        self.groups: set[str] = set()
         # The threads this batch has seen: subject key and last date as stored before it.
         self.thread_keys: dict[int, str] = {}
         self.thread_dates: dict[int, datetime] = {}
@@ -293,8 +457,16 @@ class _Batch:
         self.fb_addrs: set[str] = set()
 
     def store(self, items: Sequence[Item]) -> list[Outcome]:
-        ids = [i.webhook_id for i in items]
-        seen = set(self.conn.execute(Q_SEEN, {"ids": ids}).scalars())
+        reads = _Reads(self.conn, self.pipeline)
+        org = reads.add(self.sql.org)
+        seen_rows = reads.add(self.sql.seen, {"ids": [i.webhook_id for i in items]})
+        # The usual batch is all email.logged, hence one run: its look-ups go in the same round
+        # trip, made for every event (a replay among them only adds rows nobody asks for).
+        facts = {id(i): self._facts(i) for i in items if i.event.email is not None}
+        ahead = _Stored(reads, self.sql, list(facts.values())) if len(facts) == len(items) else None
+        reads.run()
+        self._policy(org())
+        seen = {webhook_id for (webhook_id,) in seen_rows()}
         outcomes: list[Outcome] = []
         fresh: list[Item] = []
         for item in items:
@@ -305,16 +477,31 @@ class _Batch:
                 outcomes.append("stored")
                 fresh.append(item)
         # Runs of email.logged go together; any other event is applied between runs, in order.
-        run: list[Item] = []
+        run: list[_Facts] = []
         for item in fresh:
             if item.event.email is not None:
-                run.append(item)
+                run.append(facts[id(item)])
                 continue
             self._emails(run)
             run = []
             self._other(item)
-        self._emails(run)
+        self._emails(run, ahead)
         return outcomes
+
+    def _policy(self, rows: list[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        auto_create, company, excluded, groups = rows[0]
+        self.auto_create = auto_create
+        self.company = set(json.loads(company))
+        self.excluded = set(json.loads(excluded)) | self.company
+        self.groups = set(json.loads(groups))
+
+    def _facts(self, item: Item) -> _Facts:
+        ev = item.event.email
+        assert ev is not None
+        mid = normalise_message_id(ev.message_id)
+        return _Facts(item, ev, mid, self._refs(ev, mid), self._parties(ev), self._owner(ev))
 
     # -- events other than email.logged ----------------------------------------------------
 
@@ -357,75 +544,80 @@ class _Batch:
 
     # -- email.logged ------------------------------------------------------------------------
 
-    def _emails(self, items: list[Item]) -> None:
-        if not items:
+    def _emails(self, run: list[_Facts], stored: _Stored | None = None) -> None:
+        """Store a run of email.logged events; ``stored``: its look-ups, if already made."""
+        if not run:
             return
-        events = [i.event.email for i in items if i.event.email is not None]
-        self._accounts(events)
-        mids = [normalise_message_id(e.message_id) for e in events]
-        refs = [self._refs(e, mid) for e, mid in zip(events, mids, strict=True)]
+        if stored is None:
+            reads = _Reads(self.conn, self.pipeline)
+            stored = _Stored(reads, self.sql, run)
+            reads.run()
+        self._accounts(run, stored)
         known: dict[str, tuple[int, int]] = {}
-        for row in self.conn.execute(
-            Q_EMAILS, {"mids": sorted({*mids, *(r for rs in refs for r in rs)})}
-        ):
-            known[row.message_id] = (row.id, row.thread_id)
-            self._saw_thread(row.thread_id, row.subject_key, row.last_date)
+        for mid, email_id, thread_id, key, last in stored.emails():
+            known[mid] = (email_id, thread_id)
+            self._saw_thread(thread_id, key, last)
         children: dict[str, set[int]] = defaultdict(set)
-        for ref, thread_id, key, last in self.conn.execute(self.q_children, {"mids": mids}):
+        for ref, thread_id, key, last in stored.children():
             children[ref].add(thread_id)
             self._saw_thread(thread_id, key, last)
-        parties = [self._parties(e) for e in events]
-        addresses = sorted(
-            {a for ps in parties for _, _, a in ps} | {self._owner(e) for e in events}
-        )
-        contacts = {a: c for a, c in self.conn.execute(Q_CONTACTS, {"addrs": addresses})}
-        users = {e: i for e, i in self.conn.execute(Q_USERS, {"addrs": addresses})}
-        insiders = set(users) | set(self.conn.execute(Q_OWNERS, {"addrs": addresses}).scalars())
-        self._read_fallbacks(events, mids, refs, parties, known, children, insiders)
+        contacts: dict[str, int] = dict(stored.contacts())
+        users: dict[str, int] = dict(stored.users())
+        # Account owners are insiders. The owners were read before this run's accounts were
+        # written, so its own accounts count as they are now.
+        latest = {f.ev.account.id: f.owner for f in run}  # the last word wins, as in _accounts
+        insiders = set(users) | {o for o, account in stored.owners() if account not in latest}
+        insiders |= set(latest.values())
+        self._read_fallbacks(run, known, children, insiders)
 
         pending: dict[str, _Pending] = {}
         links: list[tuple[int | _Pending, str]] = []
         event_rows: list[tuple[Item, int | _Pending]] = []
         newest: dict[int, datetime] = {}
-        for item, ev, mid, keys, ps in zip(items, events, mids, refs, parties, strict=True):
+        for f in run:
+            ev, mid, ps = f.ev, f.mid, f.parties
             if mid in known:
                 target: int | _Pending = known[mid][0]
             elif mid in pending:
                 target = pending[mid]
             else:
-                owner = self._owner(ev)
-                outsiders = self._outsiders(ev, ps, insiders)
-                self._auto_create(ev, ps, contacts, insiders | {owner}, users.get(owner))
-                thread_id = self._thread(
-                    ev, mid, keys, known, pending, children, outsiders, ps, newest
-                )
+                outsiders = self._outsiders(f, insiders)
+                self._auto_create(ev, ps, contacts, insiders | {f.owner}, users.get(f.owner))
+                thread_id = self._thread(f, known, pending, children, outsiders, newest)
                 newest[thread_id] = max(newest.get(thread_id, ev.date), ev.date)
                 target = pending[mid] = _Pending(
-                    item=item,
+                    item=f.item,
                     message_id=mid,
                     thread_id=thread_id,
                     values=self._email_row(ev, mid, thread_id, outsiders),
                     parties=[(r, n, a, contacts.get(a)) for r, n, a in ps],
-                    refs=self._kept_refs(keys),
+                    refs=self._kept_refs(f.refs),
                 )
-                for key in keys:
+                for key in f.refs:
                     children[key].add(thread_id)  # for a parent later in this batch
             links.append((target, ev.account.id))
-            event_rows.append((item, target))
-        self._insert(list(pending.values()), links, event_rows, newest)
+            event_rows.append((f.item, target))
+        # Only emails stored before this batch can have links already.
+        existing = {(known[m][0], a) for m, a in stored.links() if m in known}
+        self._insert(list(pending.values()), links, existing, event_rows, newest)
 
     def _insert(
         self,
         pending: list[_Pending],
         links: list[tuple[int | _Pending, str]],
+        existing: set[tuple[int, str]],
         event_rows: list[tuple[Item, int | _Pending]],
         newest: dict[int, datetime],
     ) -> None:
-        conn = self.conn
+        conn, sql = self.conn, self.sql
         if pending:
+            # The new emails' ids are read back (one round trip on PostgreSQL); every write
+            # after this one waits in the pipeline for the COMMIT.
             rows = [{**p.values, "thread_id": p.thread_id} for p in pending]
-            for p, new_id in zip(pending, conn.execute(INSERT_EMAILS, rows).scalars(), strict=True):
-                p.email_id = new_id
+            params = _columns(rows, sql.email_columns) if sql.postgres else rows
+            ids: dict[str, int] = dict(conn.execute(sql.insert_emails, params).all())
+            for p in pending:
+                p.email_id = ids[p.message_id]
             refs = [{"email_id": p.email_id, "ref_message_id": r} for p in pending for r in p.refs]
             _bulk_insert(conn, REF, refs)
             parts = [
@@ -448,7 +640,14 @@ class _Batch:
             ]
             _bulk_insert(conn, ATTACH, files)
         if newest:
-            conn.execute(TOUCH_THREAD, [{"tid": t, "newest": d} for t, d in newest.items()])
+            if sql.postgres:
+                conn.execute(
+                    sql.touch_threads, {"tid": list(newest), "newest": list(newest.values())}
+                )
+            else:
+                conn.execute(
+                    sql.touch_threads, [{"tid": t, "newest": d} for t, d in newest.items()]
+                )
 
         def email_id(target: int | _Pending) -> int:
             value = target if isinstance(target, int) else target.email_id
@@ -456,13 +655,6 @@ class _Batch:
             return value
 
         wanted = {(email_id(t), account) for t, account in links}
-        # Only emails stored before this batch can have links already.
-        existing_ids = sorted({t for t, _ in links if isinstance(t, int)})
-        existing = (
-            {(e, a) for e, a in conn.execute(Q_LINKS, {"eids": existing_ids})}
-            if existing_ids
-            else set()
-        )
         now = utcnow()
         new_links = [
             {"email_id": e, "account_id": a, "status": "active", "logged_at": now}
@@ -477,25 +669,19 @@ class _Batch:
         self.thread_keys[thread_id] = key
         self.thread_dates[thread_id] = last.replace(tzinfo=UTC) if last.tzinfo is None else last
 
-    def _match(
-        self, ev: EmailLogged, outsiders: list[str], parties: list[tuple[str, str, str]]
-    ) -> list[str]:
+    @staticmethod
+    def _match(f: _Facts, outsiders: list[str]) -> list[str]:
         """The addresses a fallback lookup looks for: the outside parties, else all but the
         account's owner."""
-        return (outsiders or [a for _, _, a in parties if a != self._owner(ev)])[:200]
+        return (outsiders or [a for _, _, a in f.parties if a != f.owner])[:200]
 
-    def _outsiders(
-        self, ev: EmailLogged, parties: list[tuple[str, str, str]], insiders: set[str]
-    ) -> list[str]:
-        inside = insiders | {self._owner(ev)}
-        return [a for _, _, a in parties if a not in inside and not in_domains(a, self.company)]
+    def _outsiders(self, f: _Facts, insiders: set[str]) -> list[str]:
+        inside = insiders | {f.owner}
+        return [a for _, _, a in f.parties if a not in inside and not in_domains(a, self.company)]
 
     def _read_fallbacks(
         self,
-        events: list[EmailLogged],
-        mids: list[str],
-        refs: list[list[str]],
-        parties: list[list[tuple[str, str, str]]],
+        run: list[_Facts],
         known: dict[str, tuple[int, int]],
         children: dict[str, set[int]],
         insiders: set[str],
@@ -505,18 +691,18 @@ class _Batch:
         lookup unnecessary)."""
         keys: set[str] = set()
         addrs: set[str] = set()
-        for ev, mid, rs, ps in zip(events, mids, refs, parties, strict=True):
-            if mid in known or mid in children or any(r in known for r in rs):
+        for f in run:
+            if f.mid in known or f.mid in children or any(r in known for r in f.refs):
                 continue
-            subject = subject_key(ev.subject)
-            match = self._match(ev, self._outsiders(ev, ps, insiders), ps)
+            subject = subject_key(f.ev.subject)
+            match = self._match(f, self._outsiders(f, insiders))
             if subject and match:
                 keys.add(subject)
                 addrs.update(match)
         self.fb, self.fb_keys, self.fb_addrs = {}, keys, addrs
         if not keys:
             return
-        rows = self.conn.execute(Q_FALLBACK, {"keys": sorted(keys), "addrs": sorted(addrs)})
+        rows = self.conn.execute(self.sql.fallback, {"keys": sorted(keys), "addrs": sorted(addrs)})
         for thread_id, key, last, address in rows:
             self.fb.setdefault((key, address), set()).add(thread_id)
             self._saw_thread(thread_id, key, last)
@@ -537,7 +723,7 @@ class _Batch:
                 found |= self.fb.get((key, address), set())
         else:
             for thread_id, k, last, _ in self.conn.execute(
-                Q_FALLBACK, {"keys": [key], "addrs": match}
+                self.sql.fallback, {"keys": [key], "addrs": match}
             ):
                 found.add(thread_id)
                 self._saw_thread(thread_id, k, last)
@@ -618,12 +804,15 @@ class _Batch:
 
     # -- accounts ------------------------------------------------------------------------------
 
-    def _accounts(self, events: list[EmailLogged]) -> None:
-        latest = {e.account.id: e.account for e in events}  # the last word in the batch wins
+    def _accounts(self, run: list[_Facts], stored: _Stored) -> None:
+        latest = {f.ev.account.id: f.ev.account for f in run}  # the last word in the batch wins
         ids = sorted(latest)
-        rows = {r.id: r for r in self.conn.execute(Q_ACCOUNTS, {"ids": ids})}
+        rows = {
+            account_id: (owner, kind, sharing)
+            for account_id, owner, kind, sharing in stored.accounts()
+        }
         selected: dict[str, set[str]] = defaultdict(set)
-        for account_id, address in self.conn.execute(Q_SELECTED, {"ids": ids}):
+        for account_id, address in stored.selected():
             selected[account_id].add(address)
         now = utcnow()
         for account_id in ids:
@@ -637,7 +826,7 @@ class _Batch:
                         id=account_id, status="active", updated_at=now, **values
                     )
                 )
-            elif (row.owner, row.kind, row.sharing) != (owner, acc.kind, acc.sharing):
+            elif row != (owner, acc.kind, acc.sharing):
                 self.conn.execute(
                     sa.update(ACCOUNT)
                     .where(ACCOUNT.c.id == account_id)
@@ -677,7 +866,7 @@ class _Batch:
                 continue
             now = utcnow()
             contact_id = self.conn.execute(
-                INSERT_CONTACT,
+                self.sql.insert_contact,
                 {
                     "name": name[:200],
                     "company": "",
@@ -696,25 +885,23 @@ class _Batch:
 
     def _thread(
         self,
-        ev: EmailLogged,
-        mid: str,
-        keys: list[str],
+        f: _Facts,
         known: dict[str, tuple[int, int]],
         pending: dict[str, _Pending],
         children: dict[str, set[int]],
         outsiders: list[str],
-        parties: list[tuple[str, str, str]],
         newest: dict[int, datetime],
     ) -> int:
+        ev = f.ev
         parents: list[int] = []
-        for key in reversed(keys):  # In-Reply-To first, then the newest References
+        for key in reversed(f.refs):  # In-Reply-To first, then the newest References
             if key in pending:
                 parents.append(pending[key].thread_id)
             elif key in known:
                 parents.append(known[key][1])
-        candidates = list(dict.fromkeys([*parents, *sorted(children.get(mid, ()))]))
+        candidates = list(dict.fromkeys([*parents, *sorted(children.get(f.mid, ()))]))
         subject = subject_key(ev.subject)
-        match = self._match(ev, outsiders, parties)
+        match = self._match(f, outsiders)
         if not candidates and subject and match:
             # Fallback for clients that drop References: same subject, a shared participant.
             found = self._fallback(subject, match, pending, newest)
@@ -722,7 +909,7 @@ class _Batch:
                 candidates = [found]
         if not candidates:
             thread_id: int = self.conn.execute(
-                INSERT_THREAD,
+                self.sql.insert_thread,
                 {
                     "subject": ev.subject,
                     "subject_key": subject,
@@ -743,7 +930,7 @@ class _Batch:
             ).scalar()
             self.conn.execute(sa.delete(THREAD).where(THREAD.c.id.in_(merged)))
             if last is not None:
-                self.conn.execute(TOUCH_THREAD, {"tid": target, "newest": last})
+                self.conn.execute(self.sql.touch_thread, {"tid": target, "newest": last})
                 self.thread_dates[target] = max(self.thread_dates.get(target, last), last)
             # The merged threads' emails of this batch now make the target's date.
             for m in merged:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,8 @@ def item(event_type: str, data: dict[str, Any], webhook_id: str) -> ingest.Item:
     return ingest.Item(webhook_id, int(time.time()), ingest.parse(body.encode()))
 
 
-def database(tmp_path: Path) -> Database:
-    db = Database(f"sqlite:///{tmp_path / 'batch.db'}")
+def database(url: str) -> Database:
+    db = Database(url)
     migrate(db.engine)
     with Session(db.engine) as session:
         crud.seed_org(session=session, policy=PolicySettings(company_domains=[COMPANY]))
@@ -33,13 +34,35 @@ def database(tmp_path: Path) -> Database:
     return db
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def new_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Database]]:
+    """Makes fresh CRM databases on either backend: on PostgreSQL a batch runs in psycopg's
+    pipeline with its look-ups in one round trip and its rows as arrays, on SQLite statement
+    by statement; both must store alike."""
+    made: list[tuple[Database, str]] = []
+
+    def make() -> Database:
+        if request.param == "sqlite":
+            url = f"sqlite:///{tmp_path / f'batch{len(made)}.db'}"
+        else:
+            url = request.getfixturevalue("postgres").new_database()
+        made.append((database(url), url))
+        return made[-1][0]
+
+    yield make
+    for db, url in made:
+        db.dispose()
+        if request.param == "postgres":
+            request.getfixturevalue("postgres").drop_database(url)
+
+
 def rows(db: Database, sql: str) -> list[Any]:
     with db.engine.connect() as conn:
         return list(conn.execute(sa.text(sql)).all())
 
 
-def test_a_batch_threads_and_dedupes_like_single_events(tmp_path: Path) -> None:
-    db = database(tmp_path)
+def test_a_batch_threads_and_dedupes_like_single_events(new_db: Callable[[], Database]) -> None:
+    db = new_db()
     owner = f"ann@{COMPANY}"
     parent = email_data(owner=owner, to=["p@client.example"], message_id="<Parent@x>")
     child = email_data(
@@ -85,8 +108,10 @@ def test_a_batch_threads_and_dedupes_like_single_events(tmp_path: Path) -> None:
     db.dispose()
 
 
-def test_one_bad_event_fails_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    db = database(tmp_path)
+def test_one_bad_event_fails_alone(
+    new_db: Callable[[], Database], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = new_db()
     original = ingest._Batch._other
 
     def sometimes_broken(self: ingest._Batch, it: ingest.Item) -> None:
@@ -110,8 +135,8 @@ def test_one_bad_event_fails_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     db.dispose()
 
 
-def test_a_late_middle_ancestor_joins_the_whole_chain(tmp_path: Path) -> None:
-    db = database(tmp_path)
+def test_a_late_middle_ancestor_joins_the_whole_chain(new_db: Callable[[], Database]) -> None:
+    db = new_db()
     owner = f"ann@{COMPANY}"
     chain = ["<r@x>", "<a@x>", "<b@x>", "<c@x>", "<d@x>"]
 
@@ -139,7 +164,9 @@ def test_a_late_middle_ancestor_joins_the_whole_chain(tmp_path: Path) -> None:
     db.dispose()
 
 
-def test_the_subject_fallback_in_a_batch_matches_one_event_at_a_time(tmp_path: Path) -> None:
+def test_the_subject_fallback_in_a_batch_matches_one_event_at_a_time(
+    new_db: Callable[[], Database],
+) -> None:
     """Mail without References finds its thread by subject and a shared participant, whether
     the thread's other mail was stored earlier or earlier in the same batch, and the thread
     chosen is the one active last, counting this batch's mail."""
@@ -171,7 +198,7 @@ def test_the_subject_fallback_in_a_batch_matches_one_event_at_a_time(tmp_path: P
 
     results = []
     for batched in (False, True):
-        db = database(tmp_path / str(batched))
+        db = new_db()
         for n, data in enumerate(stored):
             ingest.store(engine=db.engine, items=[item("email.logged", data, f"s{n}")])
         items = [item("email.logged", data, f"b{n}") for n, data in enumerate(batch)]
@@ -206,7 +233,8 @@ def test_a_unique_race_on_postgres_fails_only_its_event(
         "stored"
     ]
     # The race: this request's look-up does not see the row the other one stored.
-    monkeypatch.setattr(ingest, "Q_SEEN", ingest.Q_SEEN.where(sa.false()))
+    statements = ingest.STATEMENTS["postgresql"]
+    monkeypatch.setattr(statements, "seen", statements.seen.where(sa.false()))
     others = [email_data(owner=f"ann@{COMPANY}", to=[f"r{i}@client.example"]) for i in (1, 2)]
     results = ingest.store(
         engine=db.engine,
