@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import uvicorn
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from gateway.api.app import create_api
 from gateway.api.deps import ApiContext
@@ -31,8 +31,10 @@ from gateway.capture.steps import IdentifyOwner, UnwrapForward
 from gateway.dkim import DkimSigner
 from gateway.dns import make_resolver
 from gateway.errors import ConfigError
+from gateway.imap.accounts import account_ref, own_addresses
 from gateway.imap.api import push_router as imap_push_routes
 from gateway.imap.api import router as imap_routes
+from gateway.imap.models import MailAccount
 from gateway.imap.presets import load_providers
 from gateway.imap.service import ImapService
 from gateway.metrics import Metrics
@@ -40,6 +42,7 @@ from gateway.outgoing import AccountRoutes, AppendSent, Outgoing
 from gateway.pipeline import Step, build_pipelines
 from gateway.relay import Relay
 from gateway.settings import Settings
+from gateway.sighting import AccountRef
 from gateway.smtp.handlers import SubmissionHandler
 from gateway.smtp.server import SmtpListener, check_aiosmtpd_version, server_tls_context
 from gateway.steps import DkimSign, IdentifyAccount, IdentifySender, Normalise, RelayUpstream
@@ -77,7 +80,7 @@ class Mailgate:
         self.listener: SmtpListener | None = None
         self.capture: CaptureListener | None = None
         self.imap: ImapService | None = None
-        self._address_cache: dict[str, tuple[float, frozenset[str]]] = {}
+        self._identity_cache: dict[str, tuple[float, tuple[frozenset[str], AccountRef | None]]] = {}
         self.http: list[_EmbeddedUvicorn] = []
         self._http_tasks: list[asyncio.Task[None]] = []
         self.extra_apps: list[tuple[Any, str, int]] = []  # (ASGI app, host, port), e.g. the CRM
@@ -111,7 +114,7 @@ class Mailgate:
             sign=DkimSign(signer),
             relay=RelayUpstream(self.relay, route=self.account_routes.relay_for),
             identify_sender=IdentifySender(
-                sharing=settings.hooks.submission_sharing, addresses_of=self._addresses_of
+                sharing=settings.hooks.submission_sharing, identity_of=self._identity_of
             ),
             identify_account=IdentifyAccount(),
             append_sent=AppendSent(lambda: self.imap.append_sent if self.imap else None),
@@ -263,27 +266,33 @@ class Mailgate:
         )
         return (MatchContacts(self.crm), emit)
 
-    async def _addresses_of(self, login: str) -> frozenset[str]:
-        """A user's own addresses, cached for a minute (asked for every submitted message)."""
-        cached = self._address_cache.get(login)
+    async def _identity_of(self, login: str) -> tuple[frozenset[str], AccountRef | None]:
+        """A rep's own addresses and primary mailbox, cached for a minute (asked for every
+        submitted message)."""
+        cached = self._identity_cache.get(login)
         now = time.monotonic()
         if cached is not None and cached[0] > now:
             return cached[1]
 
-        def read() -> frozenset[str]:
+        def read() -> tuple[frozenset[str], AccountRef | None]:
             with Session(self.engine) as session:
+                primary = session.exec(
+                    select(MailAccount).where(MailAccount.owner == login, MailAccount.is_primary)
+                ).first()
+                ref = account_ref(primary) if primary is not None else None
+                mailbox = own_addresses(primary) if primary is not None else frozenset()
                 try:
                     user = get_user(session, login)
                 except UserError:
-                    return frozenset({login})
+                    return frozenset({login}) | mailbox, ref
                 identity = identity_of(session, user)
-                return identity.addresses | {login}
+                return identity.addresses | {login} | mailbox, ref
 
-        addresses = await asyncio.to_thread(read)
-        if len(self._address_cache) > 10_000:
-            self._address_cache.clear()
-        self._address_cache[login] = (now + 60, addresses)
-        return addresses
+        found = await asyncio.to_thread(read)
+        if len(self._identity_cache) > 10_000:
+            self._identity_cache.clear()
+        self._identity_cache[login] = (now + 60, found)
+        return found
 
     async def _serve_http(self, app: Any, host: str, port: int) -> None:
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")

@@ -131,7 +131,12 @@ class RelayUpstream:
 
 
 class IdentifySender:
-    """Submitted mail is outbound mail of the rep who sent it (or of its sender address)."""
+    """Submitted mail is outbound mail of the rep who sent it (or of its sender address).
+
+    It is logged under the rep's primary mailbox when they have one (its sharing level, and one
+    account link when the sync later finds the same mail in that mailbox's Sent folder);
+    otherwise under ``user:<rep>`` with ``hooks.submission_sharing``.
+    """
 
     name = "identify-sender"
     durable = False
@@ -140,10 +145,10 @@ class IdentifySender:
         self,
         *,
         sharing: Sharing,
-        addresses_of: Callable[[str], Awaitable[frozenset[str]]],
+        identity_of: Callable[[str], Awaitable[tuple[frozenset[str], AccountRef | None]]],
     ) -> None:
         self.sharing = sharing
-        self.addresses_of = addresses_of
+        self.identity_of = identity_of  # a rep's own addresses and primary mailbox
 
     async def __call__(self, item: QueuedMessage) -> None:
         owner = item.username or normalise_address(item.mail_from)
@@ -152,10 +157,12 @@ class IdentifySender:
         raw = outgoing(item.raw, item.prepend)
         headers = item.headers()
         named = set(addresses(headers, "To") + addresses(headers, "Cc"))
-        own = await self.addresses_of(owner)
+        own, primary = await self.identity_of(owner)
         if "account" in item.meta:  # sent by the CRM from a connected mailbox: its account
             account = AccountRef.from_meta(item.meta["account"])
             own |= frozenset(item.meta.get("own_addresses", ()))
+        elif primary is not None:
+            account = primary
         else:
             account = AccountRef(id=f"user:{owner}", owner=owner, sharing=self.sharing)
         item.sighting = Sighting(

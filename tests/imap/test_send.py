@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import email
 import json
+import smtplib
 from collections.abc import Iterator
 from email import policy
 from pathlib import Path
@@ -18,7 +19,7 @@ from imapclient import IMAPClient
 from sqlalchemy import text
 
 from gateway.store.db import make_engine
-from tests.gateway.conftest import REP, RunningGateway, add_users
+from tests.gateway.conftest import REP, REP_PASSWORD, RunningGateway, add_users
 from tests.hooks import conftest as hooks_fixtures
 from tests.hooks.conftest import Crm, hooked_settings, poll
 from tests.imap.conftest import SECRET_KEY
@@ -342,3 +343,39 @@ def test_providers_that_file_smtp_mail_in_sent_get_no_second_copy() -> None:
     assert "sent_copy" not in meta(True, "gmail") and meta(True, "gmail")["via_account"]
     assert meta(False, "gmail")["sent_copy"] == {"account_id": "acct_1", "bcc": ["b@x.test"]}
     assert "sent_copy" in meta(True, "custom") and "via_account" not in meta(False, "custom")
+
+
+def test_submitted_mail_of_a_rep_with_a_primary_mailbox_is_logged_under_it(
+    gateway: RunningGateway, crm_server: Crm, sink: Any, dovecot: DovecotServer, ca: TestCA
+) -> None:
+    api = _client(gateway)
+    crm_server.add_contact("fay@customer.test")
+    mailbox, password = dovecot.new_user("primary")
+    created = api.post(
+        "/api/v1/accounts",
+        json={
+            "email": mailbox,
+            "password": password,
+            "imap_host": "localhost",
+            "imap_port": dovecot.imaps_port,
+            "imap_security": "ssl",
+            "owner": REP,
+            "primary": True,
+            "sharing": "private",
+        },
+    )
+    assert created.status_code == 201, created.text
+    account = created.json()["id"]
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=30) as client:
+        client.starttls(context=ca.client_context())
+        client.login(REP, REP_PASSWORD)
+        client.sendmail(
+            REP,
+            ["fay@customer.test"],
+            f"From: {REP}\r\nTo: fay@customer.test\r\nSubject: submitted\r\n\r\nhi\r\n".encode(),
+        )
+    sink.wait_for_rcpt("fay@customer.test", timeout=15)
+    emails = poll(lambda: crm_server.emails() or None, what="the email in the CRM")
+    assert [(a["account_id"], a["sharing"]) for a in emails[0]["accounts"]] == [
+        (account, "private")
+    ]
