@@ -534,8 +534,8 @@ def verify_arc(message: bytes, resolver: CachingResolver) -> ArcResult:
 
 
 @functools.cache
-def _public_suffixes() -> Any:  # about 0.5 s to load: once, on first use
-    from publicsuffix2 import PublicSuffixList
+def _public_suffixes() -> Any:  # loads the bundled list once, on first use
+    from publicsuffixlist import PublicSuffixList
 
     return PublicSuffixList()
 
@@ -543,12 +543,10 @@ def _public_suffixes() -> Any:  # about 0.5 s to load: once, on first use
 @functools.lru_cache(maxsize=4096)
 def organizational_domain(domain: str) -> str:
     """The registrable domain (RFC 7489 §3.2) by the public suffix list; unknown TLDs count as
-    public suffixes, so ``rep.example.test`` belongs to ``example.test``."""
+    public suffixes, so ``rep.example.test`` belongs to ``example.test``. A name that is itself
+    a public suffix is its own organisational domain."""
     name = domain.lower().rstrip(".")
-    suffix = _public_suffixes().get_tld(name, wildcard=True, strict=False) or ""
-    labels = name.split(".")
-    keep = suffix.count(".") + 2 if suffix else 2
-    return ".".join(labels[-keep:]) if len(labels) >= keep else name
+    return str(_public_suffixes().privatesuffix(name) or name)
 
 
 def aligned(a: str, b: str, mode: str) -> bool:

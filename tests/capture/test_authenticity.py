@@ -357,3 +357,10 @@ def test_organizational_domain_uses_the_public_suffix_list() -> None:
     assert organizational_domain("a.b.example.co.uk") == "example.co.uk"
     assert organizational_domain("rep.sales.company.test") == "company.test"
     assert organizational_domain("example.com") == "example.com"
+
+
+def test_organizational_domain_knows_recent_and_private_suffixes() -> None:
+    # The list's private section (hosting platforms' suffixes) counts, as DMARC checkers do.
+    assert organizational_domain("x.y.s3.amazonaws.com") == "y.s3.amazonaws.com"
+    assert organizational_domain("co.uk") == "co.uk"
+    assert organizational_domain("Mail.Example.COM.") == "example.com"
