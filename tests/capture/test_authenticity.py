@@ -359,7 +359,7 @@ def test_organizational_domain_uses_the_public_suffix_list() -> None:
     assert organizational_domain("example.com") == "example.com"
 
 
-def test_organizational_domain_knows_recent_and_private_suffixes() -> None:
+def test_organizational_domain_counts_the_private_section_and_normalises() -> None:
     # The list's private section (hosting platforms' suffixes) counts, as DMARC checkers do.
     assert organizational_domain("x.y.s3.amazonaws.com") == "y.s3.amazonaws.com"
     assert organizational_domain("co.uk") == "co.uk"
