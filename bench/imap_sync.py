@@ -276,11 +276,7 @@ class Gateway:
         self.call(self.service.reconcile())
 
     def scalar(self, sql: str, *params: Any) -> Any:
-        # A separate read-only connection: what anyone looking at the store would see.
-        with contextlib.closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)) as db:
-            db.execute("PRAGMA busy_timeout = 5000")
-            row = db.execute(sql, params).fetchone()
-            return row[0] if row else None
+        return sqlite_scalar(self.path, sql, *params)
 
     def close(self) -> None:
         async def stop() -> None:

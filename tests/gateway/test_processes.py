@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
-import time
 from pathlib import Path
 from typing import Any
 
 from tests.gateway.conftest import start_gateway_process
 from tests.gateway.test_durability import write_config
+from tests.hooks.conftest import poll
 from tests.servers.ports import free_port
 
 
@@ -31,16 +31,6 @@ def children(pid: int) -> set[int]:
         if int(ppid) == pid and state != "Z" and b"gateway" in cmdline:
             found.add(int(entry))
     return found
-
-
-def poll(predicate: Any, *, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_processes_share_the_port_are_restarted_and_stop_together(

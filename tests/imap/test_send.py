@@ -66,6 +66,24 @@ def _client(gateway: RunningGateway) -> httpx.Client:
     )
 
 
+def connect_mailbox(
+    api: httpx.Client, dovecot: DovecotServer, prefix: str, **choices: Any
+) -> tuple[str, str, str]:
+    """A new Dovecot user connected over implicit TLS; (address, password, account id)."""
+    mailbox, password = dovecot.new_user(prefix)
+    body = {
+        "email": mailbox,
+        "password": password,
+        "imap_host": "localhost",
+        "imap_port": dovecot.imaps_port,
+        "imap_security": "ssl",
+        **choices,
+    }
+    created = api.post("/api/v1/accounts", json=body)
+    assert created.status_code == 201, created.text
+    return mailbox, password, str(created.json()["id"])
+
+
 def _sent_folder(dovecot: DovecotServer, ca: TestCA, user: str, password: str) -> list[Any]:
     """(flags, parsed message) of each message in Sent, read with PEEK."""
     assert dovecot.imaps_port is not None
@@ -103,21 +121,7 @@ def test_crm_mail_is_relayed_logged_once_and_copied_to_sent_in_both_modes(
 ) -> None:
     api = _client(gateway)
     crm_server.add_contact("bob@customer.test")
-    mailbox, password = dovecot.new_user("sender")
-    created = api.post(
-        "/api/v1/accounts",
-        json={
-            "email": mailbox,
-            "password": password,
-            "imap_host": "localhost",
-            "imap_port": dovecot.imaps_port,
-            "imap_security": "ssl",
-            "owner": REP,
-            "primary": True,
-        },
-    )
-    assert created.status_code == 201, created.text
-    account = created.json()["id"]
+    mailbox, password, account = connect_mailbox(api, dovecot, "sender", owner=REP, primary=True)
     poll(
         lambda: api.get(f"/api/v1/accounts/{account}").json()["status"] == "live",
         timeout=30,
@@ -295,24 +299,16 @@ def test_mail_from_a_mailbox_with_smtp_leaves_through_its_own_server(
 ) -> None:
     api = _client(gateway)
     crm_server.add_contact("erin@customer.test")
-    mailbox, password = dovecot.new_user("smtp")
-    created = api.post(
-        "/api/v1/accounts",
-        json={
-            "email": mailbox,
-            "password": password,
-            "imap_host": "localhost",
-            "imap_port": dovecot.imaps_port,
-            "imap_security": "ssl",
-            # The mailbox's own submission server: Postfix relaying only after AUTH as this user.
-            "smtp_host": "localhost",
-            "smtp_port": postfix_auth.port,
-            "smtp_security": "starttls",
-            "kind": "shared",
-        },
+    # The mailbox's own submission server: Postfix relaying only after AUTH as this user.
+    mailbox, password, account = connect_mailbox(
+        api,
+        dovecot,
+        "smtp",
+        smtp_host="localhost",
+        smtp_port=postfix_auth.port,
+        smtp_security="starttls",
+        kind="shared",
     )
-    assert created.status_code == 201, created.text
-    account = created.json()["id"]
     sent = api.post(
         "/api/v1/messages",
         json={"account": account, "to": ["erin@customer.test"], "subject": "own", "text": "x"},
@@ -350,22 +346,9 @@ def test_submitted_mail_of_a_rep_with_a_primary_mailbox_is_logged_under_it(
 ) -> None:
     api = _client(gateway)
     crm_server.add_contact("fay@customer.test")
-    mailbox, password = dovecot.new_user("primary")
-    created = api.post(
-        "/api/v1/accounts",
-        json={
-            "email": mailbox,
-            "password": password,
-            "imap_host": "localhost",
-            "imap_port": dovecot.imaps_port,
-            "imap_security": "ssl",
-            "owner": REP,
-            "primary": True,
-            "sharing": "private",
-        },
+    _mailbox, _password, account = connect_mailbox(
+        api, dovecot, "primary", owner=REP, primary=True, sharing="private"
     )
-    assert created.status_code == 201, created.text
-    account = created.json()["id"]
     with smtplib.SMTP("127.0.0.1", gateway.port, timeout=30) as client:
         client.starttls(context=ca.client_context())
         client.login(REP, REP_PASSWORD)
