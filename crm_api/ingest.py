@@ -355,22 +355,56 @@ class Item:
 # --- the batch writer -----------------------------------------------------------------------
 
 
-def store(*, engine: sa.Engine, items: Sequence[Item]) -> list[Outcome | Exception]:
-    """Store ``items`` in one transaction; on failure, each alone (retrying races)."""
+class KeptConnection:
+    """A connection kept from batch to batch by the group committer's writer thread: a batch
+    then needs no pool checkout and no pre-ping (on PostgreSQL a round trip of its own). It is
+    dropped after any error, so the next transaction (the retry of that batch's events among
+    them) starts on a fresh connection, which the pool checks as usual."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.conn: sa.Connection | None = None
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[sa.Connection]:
+        if self.conn is None or self.conn.closed or self.conn.invalidated:
+            self.conn = self.engine.connect()
+        try:
+            yield self.conn
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+def store(
+    *, engine: sa.Engine, items: Sequence[Item], connection: KeptConnection | None = None
+) -> list[Outcome | Exception]:
+    """Store ``items`` in one transaction; on failure, each alone (retrying races). The
+    transactions run on ``connection`` if given, else on one from the engine's pool."""
+    connect = engine.connect if connection is None else connection.connect
     try:
-        stored: list[Outcome | Exception] = list(_store_batch(engine, items))
+        stored: list[Outcome | Exception] = list(_store_batch(connect, items))
         return stored
     except Exception:
         if len(items) == 1:
-            return [_store_alone(engine, items[0])]
+            return [_store_alone(connect, engine, items[0])]
         log.info("batch of %d failed; storing its events one by one", len(items), exc_info=True)
-    return [_store_alone(engine, item) for item in items]
+    return [_store_alone(connect, engine, item) for item in items]
 
 
-def _store_alone(engine: sa.Engine, item: Item) -> Outcome | Exception:
+_Connect = Callable[[], contextlib.AbstractContextManager[sa.Connection]]
+
+
+def _store_alone(connect: _Connect, engine: sa.Engine, item: Item) -> Outcome | Exception:
     for attempt in range(1, _ATTEMPTS + 1):
         try:
-            return _store_batch(engine, [item])[0]
+            return _store_batch(connect, [item])[0]
         except Exception as exc:
             # A concurrent request stored the same event, email, account or contact first;
             # the next attempt sees its row and takes the "already there" path.
@@ -379,9 +413,9 @@ def _store_alone(engine: sa.Engine, item: Item) -> Outcome | Exception:
     raise AssertionError("unreachable")
 
 
-def _store_batch(engine: sa.Engine, items: Sequence[Item]) -> list[Outcome]:
+def _store_batch(connect: _Connect, items: Sequence[Item]) -> list[Outcome]:
     """One transaction; the COMMIT is sent inside the pipeline, with the last writes."""
-    with engine.connect() as conn:
+    with connect() as conn:
         conn.begin()  # (so that COMMIT also covers a batch that only read, on raw cursors)
         with _pipelined(conn) as pipeline:
             outcomes = _Batch(conn, pipeline).store(items)
@@ -967,7 +1001,8 @@ class GroupCommitter:
     commit the next batch waits, a few milliseconds at most, for the requests already being
     read and parsed instead of committing the first one alone: on PostgreSQL a commit costs a
     few milliseconds whatever its size. ``writer`` is the database's writer lock (SQLite has
-    one writer); ``store_fn`` is :func:`store`, injectable for tests."""
+    one writer); ``store_fn`` is :func:`store`, injectable for tests. With ``offload``
+    (PostgreSQL) batches run on a thread of their own, on a connection it keeps."""
 
     def __init__(
         self,
@@ -981,6 +1016,7 @@ class GroupCommitter:
         self.offload = offload
         # One thread, so batches stay in order and PostgreSQL sees one writer connection.
         self.executor = ThreadPoolExecutor(1, "crm-ingest") if offload else None
+        self.connection = KeptConnection(engine) if offload else None
         self.writer = writer
         self.store_fn = store_fn
         self.gather_seconds = gather_seconds
@@ -1052,7 +1088,12 @@ class GroupCommitter:
                         else:
                             results = await asyncio.get_running_loop().run_in_executor(
                                 self.executor,
-                                partial(self.store_fn, engine=self.engine, items=items),
+                                partial(
+                                    self.store_fn,
+                                    engine=self.engine,
+                                    items=items,
+                                    connection=self.connection,
+                                ),
                             )
                     except Exception as exc:  # never leave a request hanging
                         results = [exc] * len(batch)
@@ -1079,4 +1120,6 @@ class GroupCommitter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
         if self.executor is not None:
+            if self.connection is not None:  # closed on the thread that uses it
+                self.executor.submit(self.connection.close)
             self.executor.shutdown(wait=True)
