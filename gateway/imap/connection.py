@@ -378,14 +378,18 @@ class ImapConnection:
         return self.has("CONDSTORE") or self.qresync
 
     @_translated
-    def register_push(self, token: str) -> bool:
+    def register_push(self, token: str | None) -> bool:
         """Ask the server to push news of this mailbox to us (Dovecot's ``ox`` driver reads this
-        METADATA entry, RFC 5464, and sends ``token`` as the ``user`` of each notification).
-        False when the server has no METADATA or refuses: IDLE and polling still work."""
+        METADATA entry, RFC 5464, and sends ``token`` as the ``user`` of each notification);
+        ``None`` withdraws the request. False when the server has no METADATA or refuses: IDLE
+        and polling still work."""
         if not self.has("METADATA"):
             return False
-        value = f"user={token}".replace("\\", "").replace('"', "")
-        entry = f'({PUSH_METADATA} "{value}")'.encode("ascii", "replace")
+        if token is None:
+            value = b"NIL"
+        else:
+            value = b'"user=' + token.replace("\\", "").replace('"', "").encode() + b'"'
+        entry = b"(" + PUSH_METADATA.encode() + b" " + value + b")"
         typ, _data = self.client._raw_command(b"SETMETADATA", [b'""', entry], uid=False)
         return bool(typ == "OK")
 

@@ -517,12 +517,34 @@ class ImapService:
         runner = self.runners.pop(account_id, None)
         if runner is not None:
             await runner.stop()
+        if self.settings.push_secret:
+            await self._withdraw_push(account_id)
 
         def remove(session: Session) -> None:
             accounts.delete_account(session, accounts.get_account(session, account_id))
 
         await self.session(remove, commit=True)
         self._slots.pop(account_id, None)
+
+    async def _withdraw_push(self, account_id: str) -> None:
+        """Best effort: ask the server to stop pushing news of a mailbox we disconnect (an
+        unreachable server or a wrong password must not stop the disconnect)."""
+        account = await self.session(lambda s: s.get(MailAccount, account_id))
+        if account is None:
+            return
+
+        def withdraw() -> None:
+            password = self.vault.decrypt(account.secret)
+            conn = self.factory.open(accounts.endpoint_of(account, self.providers), password)
+            try:
+                conn.register_push(None)
+            finally:
+                conn.logout()
+
+        try:
+            await asyncio.wait_for(self.io(withdraw), self.settings.connect_timeout_seconds)
+        except (ImapError, SecretError, TimeoutError) as exc:
+            log.info("%s: push registration left on the server (%s)", account.email, exc)
 
     async def mailbox_action(
         self, account_id: str, message_id: str, action: Literal["delete", "archive"]

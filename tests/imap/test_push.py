@@ -97,16 +97,8 @@ def test_delivery_is_pushed_and_synced(
         what="live",
     )
     # The gateway registered itself for this mailbox's news (RFC 5464 server metadata).
-    registered = dovecot.doveadm(
-        "mailbox",
-        "metadata",
-        "get",
-        "-u",
-        user,
-        "-s",
-        "",
-        "/private/vendor/vendor.dovecot/http-notify",
-    )
+    key = "/private/vendor/vendor.dovecot/http-notify"
+    registered = dovecot.doveadm("mailbox", "metadata", "get", "-u", user, "-s", "", key)
     assert registered.strip() == f"user={account}"
 
     raw = (
@@ -119,6 +111,10 @@ def test_delivery_is_pushed_and_synced(
     poll(lambda: _queue_rows(gateway, "pushed-1@customer.test"), what="the pushed mail accepted")
     emails = poll(lambda: crm_server.emails() or None, what="the email in the CRM")
     assert [e["subject"] for e in emails] == ["pushed"]
+
+    # Disconnecting withdraws the registration: the server stops pushing news of this mailbox.
+    assert api.delete(f"/api/v1/accounts/{account}").status_code == 200
+    assert not dovecot.doveadm("mailbox", "metadata", "get", "-u", user, "-s", "", key).strip()
 
 
 def test_the_push_route_refuses_strangers_and_nonsense(
