@@ -141,6 +141,19 @@ def session_pids(session: int) -> list[int]:
     return pids
 
 
+def child_pids(parent: int) -> list[int]:
+    """The live direct children of ``parent``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == parent:  # after ")": state ppid
+                pids.append(int(entry))
+    return pids
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU time of ``pids``, plus that of their children they have reaped (so a
     Postfix master's figure includes the smtpd and cleanup processes that already exited)."""
@@ -261,6 +274,7 @@ class GatewayServer:
         max_message_size: int | None = None,
         log_level: str = "warning",
         dkim: bool = True,
+        processes: int = 1,
     ) -> None:
         self.dir = directory
         self.port = free_port()
@@ -271,6 +285,7 @@ class GatewayServer:
         self.max_message_size = max_message_size
         self.log_level = log_level
         self.dkim = dkim
+        self.processes = processes
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -291,6 +306,7 @@ class GatewayServer:
 hostname = "gateway.bench.test"
 data_dir = "{self.dir}"
 log_level = "{self.log_level}"
+processes = {self.processes}
 
 [database]
 url = "sqlite:///{self.db}"
@@ -396,7 +412,8 @@ embedded = false
         )
 
     def cpu_seconds(self) -> float:
-        return cpu_seconds([self.pid])
+        # With ``processes > 1`` the extra processes are live children: count them too.
+        return cpu_seconds([self.pid, *child_pids(self.pid)])
 
     def stop(self) -> None:
         if self.proc is not None:

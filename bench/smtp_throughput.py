@@ -19,6 +19,7 @@ run starts fresh servers; the peer order alternates between runs; the figures ar
 
     .venv/bin/python -m bench.smtp_throughput [--messages 5000] [--sessions 20] [--size 10240]
                                               [--runs 3] [--connections both|new|reuse]
+                                              [--processes 1]
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def one_run(args: argparse.Namespace, run: int, reuse: bool) -> dict[str, Any]:
         (tmp / "gw").mkdir()
         (tmp / "pf").mkdir()
         gw_sink, pf_sink = Sink(tmp), Sink(tmp)
-        gateway = GatewayServer(tmp / "gw", gw_sink.port)
+        gateway = GatewayServer(tmp / "gw", gw_sink.port, processes=args.processes)
         postfix = PostfixServer(tmp / "pf", pf_sink.port)
         servers = {"gateway": (gateway, gw_sink), "postfix": (postfix, pf_sink)}
         with running(gw_sink, pf_sink, gateway, postfix):
@@ -171,6 +172,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="median of this many runs")
     parser.add_argument("--connections", choices=["new", "reuse", "both"], default="both")
     parser.add_argument(
+        "--processes", type=int, default=1, help="gateway processes (server.processes)"
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=600.0,
@@ -183,6 +187,7 @@ def main() -> int:
         "sessions": args.sessions,
         "size": args.size,
         "runs": args.runs,
+        "processes": args.processes,
         "machine": machine(),
     }
     modes = {"new": [False], "reuse": [True], "both": [False, True]}[args.connections]
