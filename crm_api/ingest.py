@@ -260,13 +260,16 @@ class _Statements:
             .values(last_date=sa.bindparam("newest"))
         )
         # Many rows at once: executemany on SQLite (its C loop is the fast path), unnest on
-        # PostgreSQL; the new emails' ids come back by Message-ID, which is unique.
+        # PostgreSQL. On SQLite the new emails' ids come back by Message-ID (unique); on
+        # PostgreSQL they are drawn from the email id sequence with the look-ups, so that the
+        # inserts need no answer and go out with the COMMIT (one round trip fewer).
         self.insert_many: dict[str, sa.Insert] = {}
         self.email_columns = [c.name for c in EMAIL.c if c.name != "id"]
+        self.insert_emails = sa.insert(EMAIL).returning(EMAIL.c.message_id, EMAIL.c.id)
+        self.email_ids = sa.select(
+            sa.func.nextval(sa.func.pg_get_serial_sequence("email", "id"))
+        ).select_from(sa.func.generate_series(1, sa.bindparam("n", type_=sa.Integer)))
         if postgres:
-            self.insert_emails = _unnest_insert(EMAIL, self.email_columns).returning(
-                EMAIL.c.message_id, EMAIL.c.id
-            )
             newer = _unnest(tid=THREAD.c.id.type, newest=THREAD.c.last_date.type)
             self.touch_threads = (
                 sa.update(THREAD)
@@ -274,7 +277,6 @@ class _Statements:
                 .values(last_date=newer.c.newest)
             )
         else:
-            self.insert_emails = sa.insert(EMAIL).returning(EMAIL.c.message_id, EMAIL.c.id)
             self.touch_threads = self.touch_thread
 
     def insert(self, table: sa.Table, columns: Sequence[str]) -> sa.Insert:
@@ -484,6 +486,8 @@ class _Stored:
         self.users = reads.add(sql.users, {"addrs": addresses})
         self.owners = reads.add(sql.owners, {"addrs": addresses})
         self.links = reads.add(sql.links, {"mids": mids})
+        # Enough new email ids for every event to be a new email.
+        self.email_ids = reads.add(sql.email_ids, {"n": len(facts)}) if sql.postgres else None
 
 
 class _Batch:
@@ -656,7 +660,8 @@ class _Batch:
             event_rows.append((f.item, target))
         # Only emails stored before this batch can have links already.
         existing = {(known[m][0], a) for m, a in stored.links() if m in known}
-        self._insert(list(pending.values()), links, existing, event_rows, newest)
+        new_ids = None if stored.email_ids is None else [i for (i,) in stored.email_ids()]
+        self._insert(list(pending.values()), links, existing, event_rows, newest, new_ids)
 
     def _insert(
         self,
@@ -665,16 +670,20 @@ class _Batch:
         existing: set[tuple[int, str]],
         event_rows: list[tuple[Item, int | _Pending]],
         newest: dict[int, datetime],
+        new_ids: list[int] | None,
     ) -> None:
+        """Write the run; ``new_ids``: ids drawn for its new emails (else read back)."""
         conn, sql = self.conn, self.sql
         if pending:
-            # The new emails' ids are read back (one round trip on PostgreSQL); every write
-            # after this one waits in the pipeline for the COMMIT.
             rows = [{**p.values, "thread_id": p.thread_id} for p in pending]
-            params = _columns(rows, sql.email_columns) if sql.postgres else rows
-            ids: dict[str, int] = dict(conn.execute(sql.insert_emails, params).all())
-            for p in pending:
-                p.email_id = ids[p.message_id]
+            if new_ids is None:
+                ids: dict[str, int] = dict(conn.execute(sql.insert_emails, rows).all())
+                for p in pending:
+                    p.email_id = ids[p.message_id]
+            else:
+                for p, row, new_id in zip(pending, rows, new_ids[: len(pending)], strict=True):
+                    p.email_id = row["id"] = new_id
+                _bulk_insert(conn, EMAIL, rows)
             refs = [{"email_id": p.email_id, "ref_message_id": r} for p in pending for r in p.refs]
             _bulk_insert(conn, REF, refs)
             parts = [
