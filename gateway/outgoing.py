@@ -20,6 +20,7 @@ configured route like submitted mail.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -284,7 +285,7 @@ class AccountRoutes:
         self.service = service
         self.relay_settings = relay_settings
         self.hostname = hostname
-        self._relays: dict[str, tuple[float, Relay]] = {}
+        self._relays: dict[str, tuple[tuple[float, str], Relay]] = {}
 
     async def relay_for(self, item: QueuedMessage) -> Relay | None:
         account_id = item.meta.get("via_account")
@@ -299,13 +300,17 @@ class AccountRoutes:
                 "550 5.7.0 the mailbox this was sent from was disconnected; send it again from "
                 "the CRM"
             )
-        cached = self._relays.get(account_id)
-        if cached is not None and cached[0] == account.updated_at:
-            return cached[1]
         try:
-            password = service.vault.decrypt(account.secret)
+            secret = await service.credential(account)
         except SecretError as exc:
             raise Defer(f"451 4.3.0 the mailbox password cannot be read: {exc}") from None
+        except ImapError as exc:  # an OAuth refresh refused or unreachable
+            raise Defer(f"451 4.7.0 the mailbox cannot sign in: {exc.sentence}") from None
+        # Rebuilt when the account changes or its OAuth access token is renewed.
+        key = (account.updated_at, hashlib.sha256(secret.encode()).hexdigest())
+        cached = self._relays.get(account_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         relay = Relay(
             self.relay_settings.model_copy(
                 update={
@@ -317,16 +322,17 @@ class AccountRoutes:
                     "verify_certificate": not account.allow_unverified_certificate,
                     "ca_file": service.settings.ca_file,
                     "username": account.username or account.email,
-                    "password": password,
+                    "password": secret,
                     # Providers cap connections per mailbox; a rep sends a few mails at a time.
                     "max_connections": 2,
                 }
             ),
             hostname=self.hostname,
+            bearer=account.auth_method == "oauth",
         )
         if cached is not None:
             await cached[1].aclose()
-        self._relays[account_id] = (account.updated_at, relay)
+        self._relays[account_id] = (key, relay)
         return relay
 
     async def aclose(self) -> None:

@@ -340,10 +340,24 @@ class _Session:
         await self.hello()  # RFC 3207 §4.2: forget what was learnt before TLS
         return True
 
-    async def authenticate(self, username: str, password: str) -> None:
-        """AUTH PLAIN (RFC 4616) or LOGIN; the password never appears in any message."""
+    async def authenticate(self, username: str, password: str, *, bearer: bool = False) -> None:
+        """AUTH PLAIN (RFC 4616) or LOGIN, or XOAUTH2 with an OAuth access token (``bearer``);
+        the secret never appears in any message."""
         offered = self.extensions.get("AUTH", "").upper().split()
-        if "PLAIN" in offered:
+        if bearer:
+            if "XOAUTH2" not in offered:
+                what = f"only {' '.join(offered)}" if offered else "no AUTH"
+                raise _SessionFailed(
+                    f"{self.where} offers {what}; an OAuth mailbox needs AUTH XOAUTH2",
+                    enhanced="4.7.0",
+                )
+            blob = f"user={username}\x01auth=Bearer {password}\x01\x01".encode()
+            await self.command(f"AUTH XOAUTH2 {base64.b64encode(blob).decode('ascii')}")
+            reply = await self.reply()
+            if reply.code == 334:  # the error, base64 JSON; an empty line ends the exchange
+                await self.command("")
+                reply = await self.reply()
+        elif "PLAIN" in offered:
             token = base64.b64encode(f"\0{username}\0{password}".encode()).decode("ascii")
             await self.command(f"AUTH PLAIN {token}")
             reply = await self.reply()
@@ -574,8 +588,12 @@ class Relay:
         *,
         hostname: str,
         resolver: dns.asyncresolver.Resolver | None = None,
+        bearer: bool = False,
     ) -> None:
         self._settings = settings
+        # settings.password is an OAuth access token, sent as SASL XOAUTH2 (a mailbox's own
+        # submission server at Google or Microsoft).
+        self._bearer = bearer
         self._helo = settings.helo_name or hostname
         if resolver is None and settings.mode == "mx":
             resolver = dns.asyncresolver.Resolver()
@@ -808,7 +826,9 @@ class Relay:
                         f"not sending the relay password to {session.where} without TLS",
                         enhanced="4.7.10",
                     )
-                await session.authenticate(settings.username, settings.password)
+                await session.authenticate(
+                    settings.username, settings.password, bearer=self._bearer
+                )
         except (OSError, TimeoutError, EOFError, _ProtocolError) as exc:
             session.abort()
             raise _SessionFailed(f"{session.where}: {_describe(exc)} during set-up") from None

@@ -52,7 +52,13 @@ class AccountCreate(_Strict):
     """Connect a mailbox: a preset ``provider`` or a custom IMAP/SMTP set-up."""
 
     email: str = Field(max_length=320)
-    password: SecretStr = Field(description="the mailbox password or an app-specific password")
+    password: SecretStr | None = Field(
+        default=None, description="the mailbox password or an app-specific password"
+    )
+    auth: Literal["password", "oauth"] = Field(
+        default="password",
+        description="oauth: sign in at the provider instead (POST /api/v1/accounts/oauth)",
+    )
     provider: str = Field(default="custom", description="a preset key, or 'custom'")
     username: str | None = Field(default=None, description="login name if not the address")
     imap_host: str | None = None
@@ -123,6 +129,7 @@ class AccountPublic(BaseModel):
     imap_port: int
     imap_security: str
     username: str
+    auth: str  # password | oauth
     smtp_host: str
     smtp_port: int
     smtp_security: str
@@ -170,6 +177,7 @@ def public(account: MailAccount, folders: list[MailFolder] | None = None) -> Acc
         imap_port=account.imap_port,
         imap_security=account.imap_security,
         username=account.username,
+        auth=account.auth_method,
         smtp_host=account.smtp_host,
         smtp_port=account.smtp_port,
         smtp_security=account.smtp_security,
@@ -328,8 +336,9 @@ def new_account(
     provider, host, port, security, smtp_host, smtp_port, smtp_security, limit = _endpoint_fields(
         data, providers
     )
-    password = data.password.get_secret_value()
-    if not password:
+    # For OAuth the secret is the provider's tokens (JSON), set once the user has signed in.
+    password = data.password.get_secret_value() if data.password is not None else ""
+    if not password and data.auth == "password":
         raise AccountError("the password is empty")
     account = MailAccount(
         id=f"acct_{secrets.token_hex(8)}",
@@ -347,6 +356,7 @@ def new_account(
         smtp_port=smtp_port,
         smtp_security=smtp_security,
         allow_unverified_certificate=data.allow_unverified_certificate,
+        auth_method=data.auth,
         secret=vault.encrypt(password),
         max_connections=limit,
         sync_mode=data.sync_mode,
@@ -483,6 +493,7 @@ def endpoint_of(account: MailAccount, providers: dict[str, Provider]) -> Endpoin
         security=security,
         username=account.username,
         allow_unverified_certificate=account.allow_unverified_certificate,
+        oauth=account.auth_method == "oauth",
         **kwargs,
     )
 

@@ -3,11 +3,16 @@
 ``POST /api/v1/accounts`` tests the login before storing anything (``?test=false`` skips that),
 so a wrong password is a 422 with the sentence that explains it, never a stored account that
 fails later. No response model has a field for the password; requests carry it as a
-``SecretStr``. Every route needs an admin token and talks to ``context.services["imap"]``.
+``SecretStr``; OAuth tokens never leave the gateway. Every route talks to
+``context.services["imap"]`` and needs an admin token, except the two a third party calls: the
+OAuth callback (the single-use ``state`` proves it) and the mail server's push (its secret).
 
 =======  ===================================  =============================================
 POST     /api/v1/accounts                     connect a mailbox (201; 422 when the login fails)
 POST     /api/v1/accounts/test                try a set-up without storing it
+POST     /api/v1/accounts/oauth               connect by signing in at the provider (a URL)
+GET      /api/v1/accounts/oauth/callback      where the provider returns (state-authenticated)
+POST     /api/v1/accounts/{id}/oauth          sign an existing mailbox in again
 GET      /api/v1/accounts[?owner=]            the accounts, with status and last error
 GET      /api/v1/accounts/{id}                one, with each folder's cursor and progress
 POST     /api/v1/accounts/{id}/test           log in now: folders, special use, counts
@@ -35,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.api.deps import Admin, ApiContext, Context
 from gateway.errors import ConfigError
 from gateway.imap.accounts import AccountCreate, AccountError, AccountPublic, AccountUpdate
+from gateway.imap.oauth import PENDING_SECONDS
 from gateway.imap.service import ImapService
 
 
@@ -71,6 +77,38 @@ def router() -> APIRouter:
         """Connect a mailbox: a provider preset or a custom IMAP/SMTP set-up."""
         try:
             return await _service(context).add_account(data, test=test)
+        except (AccountError, ConfigError) as exc:
+            raise _refused(exc) from None
+
+    @routes.post("/oauth")
+    async def oauth_start(context: Context, _admin: Admin, data: AccountCreate) -> dict[str, Any]:
+        """Connect a mailbox by signing in at its provider (Gmail, Microsoft) instead of a
+        password: open ``authorize_url`` as the mailbox's owner; the account is made when the
+        provider sends the browser back to the callback."""
+        try:
+            url = await _service(context).oauth_start(data)
+        except (AccountError, ConfigError) as exc:
+            raise _refused(exc) from None
+        return {"authorize_url": url, "expires_in": PENDING_SECONDS}
+
+    @routes.get("/oauth/callback")
+    async def oauth_callback(
+        context: Context,
+        state: Annotated[str, Query(max_length=200)] = "",
+        code: Annotated[str, Query(max_length=4096)] = "",
+        error: Annotated[str, Query(max_length=200)] = "",
+        error_description: Annotated[str, Query(max_length=1000)] = "",
+    ) -> AccountPublic:
+        """Where the provider returns the browser (no admin token: the single-use ``state``
+        of the authorization is what proves the request)."""
+        if error:
+            raise HTTPException(
+                400, f"the provider did not authorize the mailbox: {error} {error_description}"
+            )
+        if not state or not code:
+            raise HTTPException(400, "expected the provider's code and state in the query")
+        try:
+            return await _service(context).oauth_finish(code=code, state=state)
         except (AccountError, ConfigError) as exc:
             raise _refused(exc) from None
 
@@ -124,6 +162,16 @@ def router() -> APIRouter:
         except AccountError as exc:
             raise _refused(exc) from None
         return {"id": account_id, "disconnected": True}
+
+    @routes.post("/{account_id}/oauth")
+    async def oauth_reconnect(context: Context, _admin: Admin, account_id: str) -> dict[str, Any]:
+        """Sign the mailbox in again (after ``auth_failed``, or to move it from a password to
+        OAuth); syncing resumes from its cursor once the provider sends the browser back."""
+        try:
+            url = await _service(context).oauth_reconnect(account_id)
+        except (AccountError, ConfigError) as exc:
+            raise _refused(exc) from None
+        return {"authorize_url": url, "expires_in": PENDING_SECONDS}
 
     @routes.post("/{account_id}/actions")
     async def mailbox_action(

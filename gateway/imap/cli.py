@@ -13,6 +13,7 @@ import argparse
 import getpass
 import json
 import sys
+import time
 from typing import Any
 
 from sqlmodel import Session
@@ -20,8 +21,16 @@ from sqlmodel import Session
 from gateway.imap import accounts
 from gateway.imap.accounts import AccountCreate, AccountError, AccountUpdate
 from gateway.imap.connection import ConnectionFactory
+from gateway.imap.oauth import Tokens
 from gateway.imap.presets import load_providers
-from gateway.imap.service import FolderState, first_look, probe, store_new, validate_new
+from gateway.imap.service import (
+    FolderState,
+    first_look,
+    login_secret,
+    probe,
+    store_new,
+    validate_new,
+)
 from gateway.imap.settings import ImapSettings
 from gateway.imap.vault import Vault, generate_key
 from gateway.settings import load_settings
@@ -223,7 +232,7 @@ def cmd_add(args: argparse.Namespace) -> int:
             report, states = first_look(
                 _factory(imap),
                 accounts.endpoint_of(draft, providers),
-                data.password.get_secret_value(),
+                login_secret(data),
                 list(draft.folders),
             )
             if not report.ok:
@@ -268,6 +277,14 @@ def cmd_test(args: argparse.Namespace) -> int:
     with _session(url) as session:
         account = accounts.find_account(session, args.account)
     password = _vault(imap).decrypt(account.secret)
+    if account.auth_method == "oauth":
+        tokens = Tokens.loads(password)
+        if not tokens.fresh(time.time()):
+            raise AccountError(
+                f"{account.email} signs in with OAuth and its access token has expired; "
+                f"`mailgate serve` renews it (test there: POST /api/v1/accounts/{account.id}/test)"
+            )
+        password = tokens.access_token
     report = probe(_factory(imap), accounts.endpoint_of(account, providers), password)
     if not report.ok:
         raise AccountError(report.error or "the login failed")

@@ -31,6 +31,7 @@ from imapclient.exceptions import IMAPClientError, LoginError
 from imapclient.imapclient import SocketTimeout
 
 from gateway.imap.errors import (
+    AuthFailed,
     ConnectFailed,
     ImapError,
     ServerError,
@@ -76,6 +77,7 @@ class Endpoint:
     security: Security
     username: str
     allow_unverified_certificate: bool = False
+    oauth: bool = False  # the secret is an OAuth access token, sent as SASL XOAUTH2
     app_password_hint: str = GENERIC_APP_PASSWORD_HINT
     imap_disabled_hint: str = GENERIC_IMAP_DISABLED_HINT
 
@@ -287,9 +289,17 @@ class ConnectionFactory:
 
     def _login(self, client: IMAPClient, endpoint: Endpoint, password: str) -> None:
         try:
-            client.login(endpoint.username, password)
+            if endpoint.oauth:
+                client.oauth2_login(endpoint.username, password)
+            else:
+                client.login(endpoint.username, password)
         except LoginError as exc:
             text = server_text(exc)
+            if endpoint.oauth:
+                raise AuthFailed(
+                    f"{endpoint.host} refused the OAuth sign-in ({text}); authorize the "
+                    "mailbox again"
+                ) from None
             if "PRIVACYREQUIRED" in text or "Plaintext authentication disallowed" in text:
                 raise TlsFailed(
                     f"the server accepts passwords only over TLS ({text}); "

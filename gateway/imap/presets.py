@@ -39,6 +39,12 @@ class Provider:
     max_connections: int = 2
     # The provider files mail submitted over its SMTP in Sent by itself (no APPEND from us).
     saves_sent: bool = False
+    # OAuth sign-in (gateway.imap.oauth): which client ("google", "microsoft"), and endpoints
+    # or scopes of its own where a preset needs them (a self-hosted identity provider).
+    oauth: str = ""
+    oauth_authorize_url: str = ""
+    oauth_token_url: str = ""
+    oauth_scopes: tuple[str, ...] = ()
     app_password_hint: str = GENERIC_APP_PASSWORD_HINT
     imap_disabled_hint: str = GENERIC_IMAP_DISABLED_HINT
 
@@ -88,6 +94,10 @@ def _provider(key: str, table: dict[str, object]) -> Provider:
         smtp_security=security("smtp_security"),
         max_connections=int(cast(int, table.get("max_connections", 2))),
         saves_sent=bool(table.get("saves_sent", False)),
+        oauth=str(table.get("oauth", "")),
+        oauth_authorize_url=str(table.get("oauth_authorize_url", "")),
+        oauth_token_url=str(table.get("oauth_token_url", "")),
+        oauth_scopes=tuple(str(x) for x in cast(list[object], table.get("oauth_scopes", []))),
         app_password_hint=str(table.get("app_password_hint", GENERIC_APP_PASSWORD_HINT)),
         imap_disabled_hint=str(table.get("imap_disabled_hint", GENERIC_IMAP_DISABLED_HINT)),
     )

@@ -24,19 +24,21 @@ import asyncio
 import contextlib
 import functools
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+import httpx
 from prometheus_client import Counter, Gauge
 from sqlalchemy import Connection, Engine, delete, select, update
 from sqlmodel import Session
 from sqlmodel import select as orm_select
 
 from gateway.errors import ConfigError, Defer, StoreError
-from gateway.imap import accounts
+from gateway.imap import accounts, oauth
 from gateway.imap.accounts import AccountCreate, AccountError, AccountPublic, AccountUpdate
 from gateway.imap.connection import (
     ConnectionFactory,
@@ -47,6 +49,7 @@ from gateway.imap.connection import (
 )
 from gateway.imap.errors import AuthFailed, ImapError, ServerError, Throttled
 from gateway.imap.models import AccountStatus, MailAccount, MailFolder, MailLink
+from gateway.imap.oauth import Authorizations, Tokens
 from gateway.imap.presets import Provider, load_providers
 from gateway.imap.sync import ACCOUNT, LINK, AccountView, Cursor
 from gateway.imap.sync import Engine as SyncEngine
@@ -173,6 +176,12 @@ def first_look(
         conn.logout()
 
 
+def login_secret(data: AccountCreate) -> str:
+    """The password, or the access token of an OAuth account's tokens."""
+    secret = data.password.get_secret_value() if data.password is not None else ""
+    return Tokens.loads(secret).access_token if data.auth == "oauth" and secret else secret
+
+
 def validate_new(
     session: Session, *, data: AccountCreate, vault: Vault, providers: dict[str, Provider]
 ) -> MailAccount:
@@ -243,6 +252,18 @@ class ImapService:
             if self.settings.secret_key:
                 raise  # a malformed key is a config mistake to fix before starting
             self._vault_error = exc  # unset: fine until an account needs a password
+        self.authorizations = Authorizations()
+        self._refreshing: dict[str, asyncio.Lock] = {}
+        # OAuth token requests; verification follows ca_file, like the IMAP connections.
+        self.http = httpx.AsyncClient(
+            timeout=self.settings.connect_timeout_seconds,
+            trust_env=False,
+            verify=(
+                ssl.create_default_context(cafile=str(self.settings.ca_file))
+                if self.settings.ca_file
+                else True
+            ),
+        )
         self.factory = ConnectionFactory(
             ca_file=self.settings.ca_file,
             connect_timeout=self.settings.connect_timeout_seconds,
@@ -305,6 +326,7 @@ class ImapService:
                 await self._reconciler
         await asyncio.gather(*(r.stop() for r in self.runners.values()))
         self.runners.clear()
+        await self.http.aclose()
         me = self.store.owner
 
         def release(connection: Connection) -> None:
@@ -434,11 +456,7 @@ class ImapService:
         if test:
             endpoint = accounts.endpoint_of(draft, self.providers)
             report, states = await self.io(
-                first_look,
-                self.factory,
-                endpoint,
-                data.password.get_secret_value(),
-                list(draft.folders),
+                first_look, self.factory, endpoint, login_secret(data), list(draft.folders)
             )
             if not report.ok:
                 raise AccountError(report.error or "the login failed", status=422)
@@ -465,10 +483,7 @@ class ImapService:
             )
         )
         return await self.io(
-            probe,
-            self.factory,
-            accounts.endpoint_of(draft, self.providers),
-            data.password.get_secret_value(),
+            probe, self.factory, accounts.endpoint_of(draft, self.providers), login_secret(data)
         )
 
     async def list_accounts(self, *, owner: str | None = None) -> list[AccountPublic]:
@@ -487,8 +502,8 @@ class ImapService:
     async def test_account(self, account_id: str) -> TestReport:
         account = await self.session(lambda s: accounts.get_account(s, account_id))
         try:
-            password = self.vault.decrypt(account.secret)
-        except SecretError as exc:
+            password = await self.credential(account)
+        except (SecretError, ImapError) as exc:
             return TestReport(ok=False, error=str(exc))
         async with self.extra_connection(account):
             return await self.io(
@@ -533,8 +548,7 @@ class ImapService:
         if account is None:
             return
 
-        def withdraw() -> None:
-            password = self.vault.decrypt(account.secret)
+        def withdraw(password: str) -> None:
             conn = self.factory.open(accounts.endpoint_of(account, self.providers), password)
             try:
                 conn.register_push(None)
@@ -542,7 +556,10 @@ class ImapService:
                 conn.logout()
 
         try:
-            await asyncio.wait_for(self.io(withdraw), self.settings.connect_timeout_seconds)
+            password = await self.credential(account)
+            await asyncio.wait_for(
+                self.io(withdraw, password), self.settings.connect_timeout_seconds
+            )
         except (ImapError, SecretError, TimeoutError) as exc:
             log.info("%s: push registration left on the server (%s)", account.email, exc)
 
@@ -563,7 +580,7 @@ class ImapService:
         link = await self.session(lambda s: s.get(MailLink, (account_id, key)))
         if link is None:
             raise AccountError(f"no logged email {message_id} in {account.email}", status=404)
-        password = self.vault.decrypt(account.secret)
+        password = await self.credential(account)
         wanted = ("\\Trash",) if action == "delete" else ("\\Archive", "\\All")
 
         def act() -> str:
@@ -602,7 +619,7 @@ class ImapService:
         """Copy mail sent from the CRM into the account's Sent folder (RFC 3501 APPEND, marked
         \\Seen); in both sync modes, since one-way means "only CRM mail goes to the mailbox"."""
         account = await self.session(lambda s: accounts.get_account(s, account_id))
-        password = self.vault.decrypt(account.secret)
+        password = await self.credential(account)
 
         def append() -> bool:
             conn = self.factory.open(accounts.endpoint_of(account, self.providers), password)
@@ -618,6 +635,119 @@ class ImapService:
         async with self.extra_connection(account):
             appended: bool = await self.io(append)
         return appended
+
+    # -- credentials and OAuth ---------------------------------------------------------------
+
+    async def credential(self, account: MailAccount) -> str:
+        """What logs in to the mailbox: its password, or a fresh OAuth access token (refreshed
+        shortly before it expires, once per account at a time, and stored)."""
+        secret = self.vault.decrypt(account.secret)
+        if account.auth_method != "oauth":
+            return secret
+        if not secret:
+            raise AuthFailed(f"{account.email} has not been authorized yet; authorize it")
+        tokens = Tokens.loads(secret)
+        if tokens.fresh(time.time()):
+            return tokens.access_token
+        lock = self._refreshing.setdefault(account.id, asyncio.Lock())
+        async with lock:
+            # Another task may have refreshed while this one waited for the lock.
+            current = await self.session(lambda s: s.get(MailAccount, account.id))
+            if current is not None:
+                tokens = Tokens.loads(self.vault.decrypt(current.secret))
+                if tokens.fresh(time.time()):
+                    return tokens.access_token
+            try:
+                client = oauth.client_for(self.providers.get(account.provider), self.settings)
+            except oauth.OAuthError as exc:
+                raise AuthFailed(str(exc)) from None
+            renewed = await oauth.refresh(self.http, client, tokens)
+            secret_bytes = self.vault.encrypt(renewed.dumps())
+
+            def store(connection: Connection) -> None:
+                connection.execute(
+                    update(ACCOUNT).where(ACCOUNT.c.id == account.id).values(secret=secret_bytes)
+                )
+
+            await self.store.committer.write(store)
+            return renewed.access_token
+
+    async def oauth_start(self, data: AccountCreate) -> str:
+        """The provider's sign-in URL for a new mailbox; the account is made at the callback."""
+        data = data.model_copy(update={"auth": "oauth", "password": None})
+        draft = await self.session(
+            lambda session: validate_new(
+                session, data=data, vault=self.vault, providers=self.providers
+            )
+        )
+        request = {"create": data.model_dump(mode="json", exclude={"password"})}
+        return self._authorization_url(draft, request)
+
+    async def oauth_reconnect(self, account_id: str) -> str:
+        """The sign-in URL that gives an existing account new tokens (after auth_failed)."""
+        account = await self.session(lambda s: accounts.get_account(s, account_id))
+        return self._authorization_url(account, {"account_id": account.id})
+
+    def _authorization_url(self, account: MailAccount, request: dict[str, Any]) -> str:
+        try:
+            client = oauth.client_for(self.providers.get(account.provider), self.settings)
+        except oauth.OAuthError as exc:
+            raise AccountError(str(exc)) from None
+        if not self.settings.oauth_redirect_url:
+            raise AccountError(
+                "set [imap] oauth_redirect_url to this gateway's "
+                "/api/v1/accounts/oauth/callback as the provider can reach it"
+            )
+        return self.authorizations.start(
+            client,
+            redirect_uri=self.settings.oauth_redirect_url,
+            login_hint=account.email,
+            request=request,
+        )
+
+    async def oauth_finish(self, *, code: str, state: str) -> AccountPublic:
+        """The provider's redirect: code for tokens, then add (tested) or reconnect the account."""
+        try:
+            pending = self.authorizations.take(state)
+        except oauth.OAuthError as exc:
+            raise AccountError(str(exc)) from None
+        request = pending.request
+        if "create" in request:
+            provider = self.providers.get(str(request["create"].get("provider")))
+        else:
+            existing = await self.session(
+                lambda s: accounts.get_account(s, str(request["account_id"]))
+            )
+            provider = self.providers.get(existing.provider)
+        try:
+            client = oauth.client_for(provider, self.settings)
+            tokens = await oauth.exchange(self.http, client, code=code, pending=pending)
+        except oauth.OAuthError as exc:
+            raise AccountError(str(exc)) from None
+        except ImapError as exc:
+            raise AccountError(exc.sentence, status=502) from None
+        if "create" in request:
+            data = AccountCreate(**{**request["create"], "password": tokens.dumps()})
+            return await self.add_account(data)
+        account_id = str(request["account_id"])
+        secret = self.vault.encrypt(tokens.dumps())
+
+        def reconnect(session: Session) -> AccountPublic:
+            account = accounts.get_account(session, account_id)
+            account.secret = secret
+            account.auth_method = "oauth"
+            account.auth_failures = 0
+            if account.status == AccountStatus.AUTH_FAILED:
+                account.status = AccountStatus.CONNECTING
+            account.updated_at = time.time()
+            session.add(account)
+            return accounts.public(account)
+
+        public = await self.session(reconnect, commit=True)
+        if (runner := self.runners.get(account_id)) is not None:
+            runner.updated_at = 0.0
+            runner.wake()
+        return public
 
     async def pushed(self, user: str, folder: str) -> int:
         """A mail server said ``folder`` of ``user`` changed; how many accounts were nudged.
@@ -774,7 +904,7 @@ class AccountRunner:
 
     async def _session(self, account: MailAccount) -> None:
         svc = self.service
-        password = svc.vault.decrypt(account.secret)
+        password = await svc.credential(account)
         endpoint = accounts.endpoint_of(account, svc.providers)
         async with svc.slots(account):
             if account.status not in (AccountStatus.INITIAL_SYNC, AccountStatus.LIVE):

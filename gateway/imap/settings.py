@@ -72,6 +72,21 @@ class ImapSettings(Section):
     reload_interval_seconds: float = opt(
         30.0, "How often account changes made with the CLI are picked up by `mailgate serve`", gt=0
     )
+    oauth_redirect_url: str = opt(
+        "",
+        "Where mail providers send a user back after allowing access (OAuth): "
+        "https://<this gateway's public name>/api/v1/accounts/oauth/callback; register the same "
+        "URL with the OAuth client",
+    )
+    google_client_id: str = opt("", "OAuth client id (Google Cloud console) for Gmail accounts")
+    google_client_secret: str = opt("", "Its client secret")
+    microsoft_client_id: str = opt(
+        "", "OAuth application (client) id (Microsoft Entra) for Microsoft 365 / Outlook.com"
+    )
+    microsoft_client_secret: str = opt("", "Its client secret")
+    microsoft_tenant: str = opt(
+        "common", "Entra tenant: common, organizations, consumers, or your tenant id"
+    )
     push_secret: str = opt(
         "",
         "Shared secret of Dovecot's push_notification (ox driver) posting new-mail news to "

@@ -61,12 +61,14 @@ class DovecotServer:
         directory: Path | None = None,
         idle_check_interval: int = 1,
         push_url: str | None = None,
+        oauth_userinfo_url: str | None = None,
     ) -> None:
         self.dovecot = require_binary("/usr/sbin/dovecot", "dovecot-imapd")
         self.doveadm_bin = require_binary("/usr/bin/doveadm", "dovecot-imapd")
         self.tls = tls
         self.idle_check_interval = idle_check_interval
         self.push_url = push_url
+        self.oauth_userinfo_url = oauth_userinfo_url
         self._own_dir = directory is None
         self.directory = directory if directory is not None else make_temp_dir("dovecot")
         self.config_file = self.directory / "dovecot.conf"
@@ -122,6 +124,23 @@ plugin {{
             if self.push_url
             else ""
         )
+        # OAuth bearer tokens (SASL XOAUTH2 / OAUTHBEARER) checked at the identity provider's
+        # userinfo endpoint; passwords stay with the passwd-file.
+        mechanisms = "plain login"
+        oauth = ""
+        if self.oauth_userinfo_url:
+            mechanisms = "plain login xoauth2 oauthbearer"
+            (d / "oauth2.conf.ext").write_text(
+                "introspection_mode = auth\n"
+                f"introspection_url = {self.oauth_userinfo_url}\n"
+                "username_attribute = email\n"
+            )
+            oauth = f"""passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {d}/oauth2.conf.ext
+}}
+"""
         mailboxes = "".join(
             f"  mailbox {name} {{\n    auto = subscribe\n    special_use = {flag}\n  }}\n"
             for name, flag in SPECIAL_FOLDERS.items()
@@ -138,7 +157,7 @@ protocols = imap lmtp
 stats_writer_socket_path =
 listen = 127.0.0.1
 {ssl}
-auth_mechanisms = plain login
+auth_mechanisms = {mechanisms}
 # Tests of wrong passwords should not wait out Dovecot's default 2 s penalty.
 auth_failure_delay = 0
 first_valid_uid = 8
@@ -152,7 +171,7 @@ passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {self.users_dir}/%u
 }}
-userdb {{
+{oauth}userdb {{
   driver = static
   args = uid=mail gid=mail home={self.mail_dir}/%u
 }}
