@@ -1,6 +1,6 @@
 """Mailbox credentials at rest: encrypted with a key from the config, readable only in memory.
 
-Passwords (and later OAuth tokens) are stored as Fernet tokens (AES-128-CBC + HMAC-SHA256, from
+Passwords and OAuth tokens are stored as Fernet tokens (AES-128-CBC + HMAC-SHA256, from
 ``cryptography``): a stolen database or backup holds nothing usable without ``imap.secret_key``.
 ``previous_secret_keys`` keep decrypting during a key rotation while new secrets use the new key.
 The key is checked when the vault is built, so a missing or malformed key is one clear sentence
