@@ -394,3 +394,43 @@ class FreezingProxy:
         for sock in self.sockets:
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+# -- the whole gateway, IMAP sync on -------------------------------------------------------------
+
+
+def start_gateway(
+    tmp_path: Path,
+    ca: TestCA,
+    sink: Any,
+    crm: Any,
+    *,
+    api_port: int | None = None,
+    submission: dict[str, Any] | None = None,
+    **imap: Any,
+) -> Any:
+    """``Mailgate`` with IMAP sync and hooks to the bundled CRM (``tests.hooks``' ``crm_server``),
+    relaying to ``sink``; started, with an admin API token as ``.token``."""
+    from tests.gateway.conftest import RunningGateway, add_users
+    from tests.hooks.conftest import hooked_settings
+
+    sections: dict[str, dict[str, Any]] = {
+        "imap": {
+            "enabled": True,
+            "secret_key": SECRET_KEY,
+            "ca_file": str(ca.ca_file),
+            "poll_interval_seconds": 0.3,
+            "reload_interval_seconds": 0.5,
+            "retry_schedule_seconds": [0.2, 0.5],
+            **imap,
+        }
+    }
+    if api_port is not None:
+        sections["api"] = {"port": api_port}
+    if submission is not None:
+        sections["submission"] = submission
+    settings = hooked_settings(tmp_path, ca, sink, crm, **sections)
+    token = add_users(settings.database.url)
+    gateway = RunningGateway(settings).start()
+    gateway.token = token
+    return gateway

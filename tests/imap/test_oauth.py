@@ -13,10 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.gateway.conftest import RunningGateway, add_users
+from tests.gateway.conftest import RunningGateway
 from tests.hooks import conftest as hooks_fixtures
-from tests.hooks.conftest import Crm, hooked_settings, poll
-from tests.imap.conftest import SECRET_KEY
+from tests.hooks.conftest import Crm, poll
+from tests.imap.conftest import start_gateway
 from tests.servers.certs import TestCA
 from tests.servers.dovecot import DovecotServer
 from tests.servers.ports import free_port
@@ -83,29 +83,19 @@ oauth = "microsoft"
 """
     )
     api_port = free_port()
-    settings = hooked_settings(
+    gateway = start_gateway(
         tmp_path,
         ca,
         sink,
         crm_server,
-        api={"port": api_port},
-        imap={
-            "enabled": True,
-            "secret_key": SECRET_KEY,
-            "ca_file": str(ca.ca_file),
-            "providers_file": str(providers),
-            "google_client_id": CLIENT_ID,
-            "google_client_secret": CLIENT_SECRET,
-            "oauth_redirect_url": f"http://127.0.0.1:{api_port}/api/v1/accounts/oauth/callback",
-            "poll_interval_seconds": 0.3,
-            "reload_interval_seconds": 0.5,
-            "retry_schedule_seconds": [0.2, 0.3],
-        },
+        api_port=api_port,
+        providers_file=str(providers),
+        google_client_id=CLIENT_ID,
+        google_client_secret=CLIENT_SECRET,
+        oauth_redirect_url=f"http://127.0.0.1:{api_port}/api/v1/accounts/oauth/callback",
     )
-    token = add_users(settings.database.url)
-    gateway = RunningGateway(settings).start()
     api = httpx.Client(
-        base_url=gateway.api, headers={"Authorization": f"Bearer {token}"}, timeout=30
+        base_url=gateway.api, headers={"Authorization": f"Bearer {gateway.token}"}, timeout=30
     )
     try:
         yield World(gateway, dovecot, idp, api)

@@ -13,10 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.gateway.conftest import RunningGateway, add_users
+from tests.gateway.conftest import RunningGateway
 from tests.hooks import conftest as hooks_fixtures
-from tests.hooks.conftest import Crm, hooked_settings, poll
-from tests.imap.conftest import SECRET_KEY
+from tests.hooks.conftest import Crm, poll
+from tests.imap.conftest import start_gateway
 from tests.imap.test_send import _queue_rows
 from tests.servers.certs import TestCA
 from tests.servers.dovecot import DovecotServer
@@ -35,24 +35,16 @@ def pushed(
     api_port = free_port()
     url = f"http://dovecot:{PUSH_SECRET}@127.0.0.1:{api_port}/api/v1/imap/push"
     dovecot = DovecotServer(push_url=url).start()
-    settings = hooked_settings(
+    # Polling far away: only IDLE or the push can bring news.
+    gateway = start_gateway(
         tmp_path,
         ca,
         sink,
         crm_server,
-        api={"port": api_port},
-        imap={
-            "enabled": True,
-            "secret_key": SECRET_KEY,
-            "push_secret": PUSH_SECRET,
-            # Polling and IDLE refresh far away: only IDLE or the push can bring news.
-            "poll_interval_seconds": 600,
-            "reload_interval_seconds": 0.5,
-        },
+        api_port=api_port,
+        push_secret=PUSH_SECRET,
+        poll_interval_seconds=600,
     )
-    token = add_users(settings.database.url)
-    gateway = RunningGateway(settings).start()
-    gateway.token = token  # type: ignore[attr-defined]
     try:
         yield gateway, dovecot
     finally:

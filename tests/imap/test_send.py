@@ -19,10 +19,10 @@ from imapclient import IMAPClient
 from sqlalchemy import text
 
 from gateway.store.db import make_engine
-from tests.gateway.conftest import REP, REP_PASSWORD, RunningGateway, add_users
+from tests.gateway.conftest import REP, REP_PASSWORD, RunningGateway
 from tests.hooks import conftest as hooks_fixtures
-from tests.hooks.conftest import Crm, hooked_settings, poll
-from tests.imap.conftest import SECRET_KEY
+from tests.hooks.conftest import Crm, poll
+from tests.imap.conftest import start_gateway
 from tests.servers.certs import TestCA
 from tests.servers.dovecot import DovecotServer
 from tests.servers.postfix import PostfixRelay
@@ -35,24 +35,9 @@ crm_server = hooks_fixtures.crm_server
 def gateway(
     tmp_path: Path, ca: TestCA, sink: Any, crm_server: Crm, dovecot: DovecotServer
 ) -> Iterator[RunningGateway]:
-    settings = hooked_settings(
-        tmp_path,
-        ca,
-        sink,
-        crm_server,
-        submission={"max_message_size": 200_000},
-        imap={
-            "enabled": True,
-            "secret_key": SECRET_KEY,
-            "ca_file": ca.ca_file,
-            "poll_interval_seconds": 0.3,
-            "reload_interval_seconds": 0.5,
-            "retry_schedule_seconds": [0.2, 0.5],
-        },
+    running = start_gateway(
+        tmp_path, ca, sink, crm_server, submission={"max_message_size": 200_000}
     )
-    token = add_users(settings.database.url)
-    running = RunningGateway(settings).start()
-    running.token = token  # type: ignore[attr-defined]
     try:
         yield running
     finally:
