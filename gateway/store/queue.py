@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.message import Message as EmailHeaders
@@ -54,6 +56,7 @@ DELIVERY = Delivery.__table__  # type: ignore[attr-defined]
 # Statements built once: building SQLAlchemy constructs per message costs more than SQLite's work.
 _INSERT_MESSAGE = insert(MESSAGE)
 _INSERT_BODY = insert(BODY)
+_INSERT_DELIVERY = insert(DELIVERY)
 _STREAMED_BODY = 1024 * 1024  # from this size on, SQLite gets the body in slices
 _ZEROBLOB = text("INSERT INTO message_body (id, raw) VALUES (:id, zeroblob(:size)) RETURNING rowid")
 
@@ -123,6 +126,11 @@ class GroupCommitter:
     One thread is enough: SQLite takes one writer at a time anyway, and on PostgreSQL the batch
     already amortises the commit. ``window`` optionally waits a little for more work when a batch
     is small; the default 0 relies on the natural batching while a commit is in flight.
+
+    Several processes on one SQLite file (``server.processes``) take turns through a lock file
+    beside the database: a writer that finds SQLite's lock taken would otherwise sleep in
+    SQLite's busy handler (1, 2, 5, 10 … ms, however soon the lock is free again), while the
+    kernel hands a ``flock`` over the moment it is released.
     """
 
     def __init__(self, engine: Engine, *, window: float = 0.0, max_batch: int = 128) -> None:
@@ -132,6 +140,8 @@ class GroupCommitter:
         self._pending: asyncio.Queue[tuple[Write, asyncio.Future[Any]]] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailgate-writer")
         self._task: asyncio.Task[None] | None = None
+        self._turns = _writer_lock_path(engine)
+        self._turns_fd: int | None = None
 
     @property
     def engine(self) -> Engine:
@@ -146,6 +156,9 @@ class GroupCommitter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._executor.shutdown(wait=True)
+        if self._turns_fd is not None:
+            os.close(self._turns_fd)
+            self._turns_fd = None
 
     async def write(self, fn: Write) -> Any:
         """Run ``fn(connection)`` in a transaction; returns its result once committed."""
@@ -184,13 +197,34 @@ class GroupCommitter:
                     future.set_exception(value)
 
     def _commit(self, batch: list[tuple[Write, asyncio.Future[Any]]]) -> list[tuple[bool, Any]]:
+        with self._turn():
+            try:
+                with self._engine.begin() as connection:
+                    return [(True, fn(connection)) for fn, _ in batch]
+            except Exception:
+                if len(batch) == 1:
+                    return [self._commit_one(batch[0][0])]
+                return [self._commit_one(fn) for fn, _ in batch]
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """This process's turn to write (see the class docstring); a no-op off SQLite files."""
+        if self._turns is None:
+            yield
+            return
+        if self._turns_fd is None:
+            try:
+                self._turns_fd = os.open(self._turns, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:
+                log.warning("no writer lock %s (%s): SQLite's locking only", self._turns, exc)
+                self._turns = None
+                yield
+                return
+        fcntl.flock(self._turns_fd, fcntl.LOCK_EX)
         try:
-            with self._engine.begin() as connection:
-                return [(True, fn(connection)) for fn, _ in batch]
-        except Exception:
-            if len(batch) == 1:
-                return [self._commit_one(batch[0][0])]
-            return [self._commit_one(fn) for fn, _ in batch]
+            yield
+        finally:
+            fcntl.flock(self._turns_fd, fcntl.LOCK_UN)
 
     def _commit_one(self, fn: Write) -> tuple[bool, Any]:
         try:
@@ -201,6 +235,16 @@ class GroupCommitter:
             return (False, StoreError(f"database write failed: {_reason(exc)}"))
         except Exception as exc:
             return (False, exc)
+
+
+def _writer_lock_path(engine: Engine) -> str | None:
+    """``<database>-writer.lock`` for a SQLite file; None for memory or another database."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:"):
+        return None  # a URI filename (query options): not worth parsing for this
+    return f"{database}-writer.lock"
 
 
 def _reason(exc: SQLAlchemyError) -> str:
@@ -327,7 +371,7 @@ class Store:
             connection.execute(_INSERT_MESSAGE, row)
             insert_body(connection, message.id, message.raw)
             if deliveries:
-                connection.execute(insert(DELIVERY), deliveries)
+                connection.execute(_INSERT_DELIVERY, deliveries)
             return message.id
 
         return write

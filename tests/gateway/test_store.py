@@ -5,13 +5,20 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import event, text
 
 from gateway.store.db import make_engine, migrate
 from gateway.store.models import DeliveryState, MessageState
-from gateway.store.queue import DeliveryOutcome, GroupCommitter, NewMessage, Store
+from gateway.store.queue import (
+    DeliveryOutcome,
+    GroupCommitter,
+    NewMessage,
+    Store,
+    _writer_lock_path,
+)
 
 T = TypeVar("T")
 
@@ -162,3 +169,29 @@ def test_deferred_message_waits_for_its_time(db_url: str) -> None:
         assert again.attempts == 1
 
     run_with_store(db_url, body)
+
+
+def test_sqlite_writers_take_turns_through_a_lock_file(db_url: str) -> None:
+    """Two committers (as two processes would) never hold the writer lock file at once."""
+    engine = make_engine(db_url)
+    lock = _writer_lock_path(engine)
+    if engine.dialect.name != "sqlite":
+        assert lock is None
+        return
+    assert lock == f"{engine.url.database}-writer.lock"
+    inside: list[int] = []
+    overlaps: list[int] = []
+
+    def write(connection: object) -> None:
+        inside.append(1)
+        if len(inside) > 1:
+            overlaps.append(len(inside))
+        threading.Event().wait(0.002)
+        inside.pop()
+
+    async def body(one: Store, two: Store) -> None:
+        await asyncio.gather(*(s.committer.write(write) for s in (one, two) for _ in range(20)))
+
+    run_with_store(db_url, body)
+    assert overlaps == []
+    assert Path(lock).exists()
