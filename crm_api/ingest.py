@@ -9,9 +9,13 @@ request is answered only after that commit. Should a batch fail (on PostgreSQL, 
 concurrent request on a unique key), every event in it is retried alone in its own transaction,
 so an event is stored whole or not at all and never depends on its neighbours.
 
-The batch runs on the event loop thread, not in the thread pool: a writer thread that gives up
-the GIL on every SQLite call must win it back from a busy event loop each time (Python's 5 ms
-switch interval), which made per-request threads ten times slower than the work itself."""
+On SQLite the batch runs on the event loop thread, not in the thread pool: a writer thread that
+gives up the GIL on every SQLite call must win it back from a busy event loop each time (Python's
+5 ms switch interval), which made per-request threads ten times slower than the work itself.
+On PostgreSQL, where a round trip would stall the loop, it runs on one writer thread that keeps
+its connection, in psycopg's pipeline mode: one round trip for all of the batch's look-ups, one
+for all of its writes and the COMMIT (plus one per new thread or auto-created contact). Keys and
+rows travel as arrays (``= ANY(:keys)``, ``unnest``) in statements whose text never changes."""
 
 from __future__ import annotations
 
