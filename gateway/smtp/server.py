@@ -99,6 +99,15 @@ def with_enhanced_code(reply: str) -> str:
     return f"{code} {enhanced} {reply[4:]}" if enhanced else reply
 
 
+# RFC 5322 §3.2.3 dot-atom local part, RFC 1035 LDH labels, then the rest after any spaces;
+# a comment after the ">" (which the email parser would drop) is left to the full parser.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_PATH = re.compile(
+    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*(?![ \t(])(.*)\Z",
+    re.DOTALL,
+)
+
+
 class MailgateSMTP(SMTP):
     """aiosmtpd's SMTP with our two per-connection TLS facts and enhanced status codes."""
 
@@ -121,6 +130,25 @@ class MailgateSMTP(SMTP):
         if isinstance(status, str):
             status = with_enhanced_code(status)
         await super().push(status)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parsing for MAIL, RCPT and VRFY, with a fast path for the plain
+        ``<local@domain>`` nearly every client sends.
+
+        aiosmtpd 1.4.6 defines a ``typing.Protocol`` class on every call and parses with the
+        ``email`` package's RFC 5322 parser, together ~50 us per address. An address whose local
+        part is a plain dot-atom and whose domain is plain LDH labels, followed by spaces and
+        the parameters, gets exactly the parser's answer from one regex; anything else (quoted
+        local parts, comments, source routes, IP literals, UTF-8) takes aiosmtpd's path.
+        """
+        match = _PLAIN_PATH.match(arg)
+        if match is None:
+            result: tuple[str | None, str | None] = super()._getaddr(arg)
+            return result
+        address, rest = match.group(1, 2)
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, rest
 
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd 1.4.6's DATA command with :func:`gateway.smtp.data.read_data` reading the
