@@ -215,8 +215,9 @@ class _Statements:
     """The batch's statements for one dialect, built once: SQLAlchemy then only looks their
     compiled form up in its cache. On PostgreSQL a set of keys is one array parameter
     (``= ANY(:keys)``) and many rows are a few arrays (:func:`_unnest`): each statement has
-    one text whatever the batch size, so psycopg parses it once and PostgreSQL plans it once
-    per connection. ``IN (…)`` lists and VALUES lists (SQLite's way) are a new text for each
+    one text whatever the batch size, so psycopg converts it once, and the writes are
+    prepared once per connection (the look-ups are planned for their keys: see
+    :class:`_Reads`). ``IN (…)`` lists and VALUES lists (SQLite's way) are a new text for each
     length: parsed by psycopg's regex every time (its cache stops at 50 parameters), parsed
     and planned by the server every time."""
 
