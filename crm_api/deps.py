@@ -21,8 +21,9 @@ from crm_api.settings import Settings
 from crm_api.visibility import Viewer
 
 _MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-# POST only to carry a body; it stores nothing, and must not queue behind webhook batches.
-_READ_ONLY_POSTS = frozenset({"/api/v1/contacts/match"})
+# POST only to carry a body (or to call the gateway); they store nothing, and must not queue
+# behind webhook batches.
+_READ_ONLY_POSTS = frozenset({"/api/v1/contacts/match", "/api/v1/emails/send"})
 _bearer = HTTPBearer(auto_error=False, description="an API token from `mailgate crm token create`")
 
 

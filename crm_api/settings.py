@@ -81,6 +81,16 @@ class WebhookSettings(BaseModel):
         return [secret_bytes(s) for s in self.secrets]
 
 
+class GatewaySettings(BaseModel):
+    """The Mailgate gateway this CRM sends mail through (``POST /api/v1/messages`` there)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = "http://127.0.0.1:8026"
+    token: str = ""  # an admin API token of the gateway; empty: sending is off
+    timeout_seconds: float = Field(default=30.0, gt=0)
+
+
 class PolicySettings(BaseModel):
     """Seed values for the organisation's policy; stored in the database on first start and
     edited afterwards through ``PUT /api/v1/settings``."""
@@ -111,6 +121,7 @@ class Settings(BaseSettings):
     auto_migrate: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
 
     @classmethod

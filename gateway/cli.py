@@ -293,9 +293,11 @@ def cmd_init(args: argparse.Namespace) -> int:
             password = secrets.token_urlsafe(12)
             users.add_user(session, email=admin, password=password, is_admin=True)
             token = users.create_token(session, email=admin, label="init")
+            crm_token = users.create_token(session, email=admin, label="bundled CRM")
             session.commit()
             print(f"admin user: {admin}  password: {password}")
             print(f"admin API token (shown once): {token}")
+            _link_crm_to_gateway(path.parent / settings.crm.config, settings, crm_token)
     engine.dispose()
     print(
         "\nNext:\n"
@@ -341,6 +343,21 @@ def _init_crm(path: Path, defaults: Settings, admin: str) -> Any:
             "link_secret": secrets.token_hex(32),
         }
     )
+
+
+def _link_crm_to_gateway(crm_path: Path, settings: Settings, token: str) -> None:
+    """Let the bundled CRM send mail through this gateway (its ``[gateway]`` table)."""
+    if not crm_path.exists() or "[gateway]" in crm_path.read_text(encoding="utf-8"):
+        return
+    api = settings.api
+    host = "127.0.0.1" if api.listen in ("", "0.0.0.0", "::") else api.listen
+    host = f"[{host}]" if ":" in host else host
+    with crm_path.open("a", encoding="utf-8") as out:
+        out.write(
+            "\n[gateway]\n# The gateway the CRM sends mail through (its admin API, a token of it).\n"
+            f'url = "http://{host}:{api.port}"\ntoken = "{token}"\n'
+        )
+    print(f"the bundled CRM sends mail through this gateway ({crm_path} [gateway])")
 
 
 # Set in the environment of the extra processes `serve` starts for `server.processes > 1`.

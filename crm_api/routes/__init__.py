@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from crm_api.routes import contacts, emails, settings, users
+from crm_api.routes import contacts, emails, outbound, settings, users
 
 api_router = APIRouter(prefix="/api/v1")
 api_router.include_router(users.router)
 api_router.include_router(settings.router)
 api_router.include_router(contacts.router)
 api_router.include_router(emails.router)
+api_router.include_router(outbound.router)

@@ -156,12 +156,12 @@ def test_settings_errors_are_one_line_naming_the_key(tmp_path: Path, text: str, 
 
 
 def test_the_shipped_config_loads_and_documents_every_option() -> None:
-    from crm_api.settings import PolicySettings, Settings, WebhookSettings
+    from crm_api.settings import GatewaySettings, PolicySettings, Settings, WebhookSettings
 
     shipped = Path(__file__).resolve().parents[2] / "conf" / "crm.toml"
     assert load_settings(shipped).port == 8025
     text = shipped.read_text()
-    sections = {"webhooks": WebhookSettings, "policy": PolicySettings}
+    sections = {"webhooks": WebhookSettings, "gateway": GatewaySettings, "policy": PolicySettings}
     for name in Settings.model_fields:
         wanted = f"[{name}]" if name in sections else f"# {name} = "
         assert wanted in text, f"conf/crm.toml does not document {name}"
