@@ -118,6 +118,7 @@ class MailgateSMTP(SMTP):
         self.implicit_tls = implicit_tls
         self.plaintext_auth_on_loopback = plaintext_auth_on_loopback
         self.auth_failures = 0
+        self._held: list[bytes] = []  # continuation lines of the reply being pushed
 
     def __dir__(self) -> list[str]:
         # aiosmtpd's __init__ looks up the command and AUTH methods with dir() and
@@ -127,9 +128,28 @@ class MailgateSMTP(SMTP):
         return _command_names(type(self))
 
     async def push(self, status: AnyStr) -> None:
+        """Send one reply line; the lines of a multi-line reply go out together, in one write.
+
+        aiosmtpd pushes an EHLO reply line by line, each with its own write (a ``send()`` on
+        the socket) and drain: six of them per connection here. A continuation line
+        (``250-…``, RFC 5321 §4.2.1) is no use to the client before the reply's last line, so
+        it waits in ``_held`` and leaves with that line.
+        """
         if isinstance(status, str):
             status = with_enhanced_code(status)
-        await super().push(status)
+            line = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") + b"\r\n"
+        else:
+            line = bytes(status) + b"\r\n"
+        last = line.rfind(b"\n", 0, -1) + 1  # a hook's reply may hold several lines
+        if line[last + 3 : last + 4] == b"-":
+            self._held.append(line)
+            return
+        if self._held:
+            self._held.append(line)
+            line = b"".join(self._held)
+            self._held.clear()
+        self._writer.write(line)
+        await self._writer.drain()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parsing for MAIL, RCPT and VRFY, with a fast path for the plain
