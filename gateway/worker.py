@@ -67,6 +67,8 @@ class Worker:
         self._tick.set()
 
     async def start(self) -> None:
+        # This process's doors wake us with what they accept: it may stay in memory for us.
+        self.store.hand_over_accepted(True)
         self._runner = asyncio.create_task(self._run(), name="worker")
 
     async def stop(self) -> None:
@@ -79,6 +81,10 @@ class Worker:
             await asyncio.wait(self._tasks, timeout=30)
         for task in self._tasks:
             task.cancel()
+        try:
+            await self.store.release_fresh()
+        except StoreError as exc:  # their leases expire instead
+            log.error("could not release unclaimed messages: %s", exc)
 
     async def _run(self) -> None:
         while True:

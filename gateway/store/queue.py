@@ -7,6 +7,12 @@ when idle it adds no wait at all. A batch whose transaction fails is retried one
 time, so one bad row fails only its own caller. Claims are ``UPDATE … RETURNING`` with a lease
 (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so any number of processes can share a database and a
 dead process's messages come back when its leases expire.
+
+A process's worker takes the messages its own doors accept (:meth:`Store.hand_over_accepted`):
+such a message is inserted already leased to this store, and :meth:`Store.claim` hands it out
+from memory, so the fresh message costs no claim transaction and is not read back from disk. It is
+on disk and leased like any claimed message, so a crash loses nothing: the lease expires and any
+process claims it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import queue
@@ -112,6 +119,10 @@ _RECORD_DELIVERY = (
         attempts=DELIVERY.c.attempts + 1,
     )
 )
+
+# Accepted messages waiting in memory for this process's worker hold at most this many bytes;
+# beyond it, accepts are stored unleased and claimed from disk.
+FRESH_BYTES = 32 * 1024 * 1024
 
 Write = Callable[[Connection], Any]
 _Pending = tuple[Write, "asyncio.Future[Any]"]  # a write and its caller's future
@@ -364,17 +375,60 @@ class Store:
         self.owner = owner or uuid.uuid4().hex[:16]
         self.clock = clock
         self._postgres = is_postgres(engine)
+        self._hand_over = False
+        # Accepted here, leased at insert, not claimed yet: id -> (message, lease expiry).
+        self._fresh: dict[str, tuple[QueuedMessage, float]] = {}
+        self._fresh_bytes = 0
 
     # -- accepting ---------------------------------------------------------------------------
 
+    def hand_over_accepted(self, enabled: bool) -> None:
+        """Lease what :meth:`accept` stores to this store, for :meth:`claim` to hand out from
+        memory (see the module docstring). Only for a store whose process runs a worker that
+        claims through it; :meth:`release_fresh` gives back what it did not take."""
+        self._hand_over = enabled
+
     async def accept(self, message: NewMessage) -> str:
         """Store a message and its recipients; returns its id once it is durably committed."""
-        result: str = await self.committer.write(self.inserting(message))
+        now = self.clock()
+        held = self._hand_over and self._fresh_bytes + len(message.raw) <= FRESH_BYTES
+        expires = now + self.lease_seconds
+        result: str = await self.committer.write(
+            self.inserting(message, now=now, lease_until=expires if held else None)
+        )
+        if held:
+            # (A caller cancelled mid-write may leave the row leased but not here: it is then
+            # claimed when the lease expires, as after a crash.)
+            self._fresh[message.id] = (self._queued(message, now), expires)
+            self._fresh_bytes += len(message.raw)
         return result
 
-    def inserting(self, message: NewMessage) -> Write:
-        """The write that stores ``message``; also used inside other transactions (bounces)."""
-        now = self.clock()
+    def _queued(self, message: NewMessage, now: float) -> QueuedMessage:
+        """The message as :meth:`claim` would read it back from the row just inserted."""
+        return QueuedMessage(
+            id=message.id,
+            source=message.source,
+            mail_from=message.mail_from,
+            rcpt_tos=list(message.rcpt_tos),
+            raw=message.raw,
+            prepend=b"",
+            username=message.username,
+            header_message_id=message.header_message_id,
+            steps_done=[],
+            attempts=0,
+            created_at=now,
+            client_address=message.client_address,
+            # The JSON column's round trip (tuples come back as lists).
+            meta=json.loads(json.dumps(message.meta)) if message.meta else {},
+            pending_recipients=list(dict.fromkeys(message.rcpt_tos)),
+        )
+
+    def inserting(
+        self, message: NewMessage, *, now: float | None = None, lease_until: float | None = None
+    ) -> Write:
+        """The write that stores ``message``; also used inside other transactions (bounces).
+        ``lease_until`` stores it leased to this store (see :meth:`hand_over_accepted`)."""
+        now = self.clock() if now is None else now
         row = {
             "id": message.id,
             "source": message.source,
@@ -393,6 +447,9 @@ class Store:
             "updated_at": now,
             "next_attempt_at": now,
         }
+        if lease_until is not None:
+            row["lease_owner"] = self.owner
+            row["lease_expires_at"] = lease_until
         deliveries = [
             {
                 "message_id": message.id,
@@ -417,6 +474,60 @@ class Store:
 
     async def claim(self, limit: int, ids: Sequence[str] = ()) -> list[QueuedMessage]:
         """Lease up to ``limit`` due messages (or exactly ``ids``, if they are still free)."""
+        items = self._take_fresh(limit, ids)
+        if items:
+            taken = {item.id for item in items}
+            wanted = [i for i in ids if i not in taken]
+            limit -= len(items)
+            if limit <= 0 or (ids and not wanted):
+                return items
+            ids = wanted
+        return items + await self._claim(limit, ids)
+
+    def _take_fresh(self, limit: int, ids: Sequence[str]) -> list[QueuedMessage]:
+        """Accepted messages still leased to us since their insert: ``ids`` among them, or any.
+
+        One whose lease is half over is forgotten instead (its row comes back to the queue
+        when the lease expires), so a message handed out from here can never also have been
+        claimed from disk since.
+        """
+        if not self._fresh:
+            return []
+        now = self.clock()
+        for message_id, (item, expires) in list(self._fresh.items()):
+            if expires - now < self.lease_seconds / 2:
+                del self._fresh[message_id]
+                self._fresh_bytes -= len(item.raw)
+        wanted = [i for i in ids if i in self._fresh] if ids else list(self._fresh)
+        items = []
+        for message_id in wanted[: max(limit, 0)]:
+            item, _expires = self._fresh.pop(message_id)
+            self._fresh_bytes -= len(item.raw)
+            items.append(item)
+        return items
+
+    async def release_fresh(self) -> None:
+        """Give back the leases of accepted messages :meth:`claim` did not hand out (at
+        shutdown), so that the next process to start takes them at once."""
+        self._hand_over = False
+        ids = list(self._fresh)
+        self._fresh.clear()
+        self._fresh_bytes = 0
+        if not ids:
+            return
+        statement = (
+            update(MESSAGE)
+            .where(MESSAGE.c.id.in_(ids))
+            .where(MESSAGE.c.lease_owner == self.owner)
+            .values(lease_owner=None, lease_expires_at=None)
+        )
+
+        def write(connection: Connection) -> None:
+            connection.execute(statement)
+
+        await self.committer.write(write)
+
+    async def _claim(self, limit: int, ids: Sequence[str]) -> list[QueuedMessage]:
         now = self.clock()
         params = {"now": now, "owner": self.owner, "expires": now + self.lease_seconds}
         free = "(lease_expires_at IS NULL OR lease_expires_at < :now)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from gateway.store.queue import (
     NewMessage,
     Store,
     _writer_lock_path,
+    new_message_id,
 )
 
 T = TypeVar("T")
@@ -90,6 +92,50 @@ def test_a_dead_workers_lease_expires(db_url: str) -> None:
         assert await two.record(again, state=MessageState.DONE) is True
         row = await two.get_message(stored)
         assert row is not None and row["state"] == "done"
+
+    run_with_store(db_url, body)
+
+
+def test_a_message_accepted_for_our_worker_is_handed_out_as_a_disk_claim_would_be(
+    db_url: str,
+) -> None:
+    def with_meta() -> NewMessage:
+        return dataclasses.replace(message(1), meta={"account": ("a", 1)}, id=new_message_id())
+
+    async def body(one: Store, two: Store) -> None:
+        on_disk = await one.accept(with_meta())
+        [from_disk] = await one.claim(1, [on_disk])
+        one.hand_over_accepted(True)
+        fresh = await one.accept(with_meta())
+        # Leased to us at insert: the other process cannot take it, nor a poll of ours.
+        assert await two.claim(10) == []
+        [from_memory] = await one.claim(10, [fresh])
+        assert from_memory.id == fresh
+        for name in ("source", "mail_from", "rcpt_tos", "raw", "prepend", "username", "meta"):
+            assert getattr(from_memory, name) == getattr(from_disk, name), name
+        assert from_memory.pending_recipients == from_disk.pending_recipients
+        assert (from_memory.steps_done, from_memory.attempts) == ([], 0)
+        assert await one.claim(10, [fresh]) == []  # handed out once
+        assert await one.record(from_memory, state=MessageState.DONE) is True
+
+    run_with_store(db_url, body)
+
+
+def test_an_unclaimed_accepted_message_comes_back_to_the_queue(db_url: str) -> None:
+    async def body(one: Store, two: Store) -> None:
+        one.hand_over_accepted(True)
+        released = await one.accept(message(1))
+        await one.release_fresh()  # shutdown: its lease is given back at once
+        [item] = await two.claim(10)
+        assert item.id == released
+        await two.record(item, state=MessageState.DONE)
+        one.hand_over_accepted(True)
+        stale = await one.accept(message(2))
+        one.clock.now += 151  # type: ignore[attr-defined]
+        # Half the lease is gone: forgotten here, so it can only come back from disk.
+        assert await one.claim(10, [stale]) == []
+        one.clock.now += 150  # type: ignore[attr-defined]
+        assert [m.id for m in await two.claim(10)] == [stale]
 
     run_with_store(db_url, body)
 
