@@ -120,6 +120,7 @@ class SubmissionHandler:
             username=facts.identity.login if facts.identity else None,
             client_address=facts.peer,
             header_message_id=message_id(headers),
+            headers=headers,
         )
         try:
             stored_id = await asyncio.wait_for(self.store.accept(message), STORE_TIMEOUT)

@@ -313,6 +313,9 @@ class NewMessage:
     header_message_id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     id: str = field(default_factory=new_message_id)
+    # The header section as the door parsed it (not stored): a message handed over in memory
+    # (:meth:`Store.hand_over_accepted`) keeps it, so the worker's steps do not parse it again.
+    headers: EmailHeaders | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,6 +424,7 @@ class Store:
             # The JSON column's round trip (tuples come back as lists).
             meta=json.loads(json.dumps(message.meta)) if message.meta else {},
             pending_recipients=list(dict.fromkeys(message.rcpt_tos)),
+            _headers=message.headers,
         )
 
     def inserting(

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from sqlalchemy import event, text
 
+from gateway.message import parse_headers
 from gateway.store.db import make_engine, migrate
 from gateway.store.models import DeliveryState, MessageState
 from gateway.store.queue import (
@@ -106,7 +107,8 @@ def test_a_message_accepted_for_our_worker_is_handed_out_as_a_disk_claim_would_b
         on_disk = await one.accept(with_meta())
         [from_disk] = await one.claim(1, [on_disk])
         one.hand_over_accepted(True)
-        fresh = await one.accept(with_meta())
+        parsed = parse_headers(message(1).raw)
+        fresh = await one.accept(dataclasses.replace(with_meta(), headers=parsed))
         # Leased to us at insert: the other process cannot take it, nor a poll of ours.
         assert await two.claim(10) == []
         [from_memory] = await one.claim(10, [fresh])
@@ -114,6 +116,7 @@ def test_a_message_accepted_for_our_worker_is_handed_out_as_a_disk_claim_would_b
         for name in ("source", "mail_from", "rcpt_tos", "raw", "prepend", "username", "meta"):
             assert getattr(from_memory, name) == getattr(from_disk, name), name
         assert from_memory.pending_recipients == from_disk.pending_recipients
+        assert from_memory.headers() is parsed  # the door's parse, not a second one
         assert (from_memory.steps_done, from_memory.attempts) == ([], 0)
         assert await one.claim(10, [fresh]) == []  # handed out once
         assert await one.record(from_memory, state=MessageState.DONE) is True
