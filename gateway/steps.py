@@ -9,10 +9,8 @@ store types), never protocol code.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from gateway.dkim import UnsignableMessage
@@ -32,10 +30,7 @@ from gateway.store.queue import DeliveryOutcome, QueuedMessage
 
 log = logging.getLogger(__name__)
 
-# Signing threads per process. OpenSSL's RSA (through cryptography >= 42) runs without the GIL,
-# so the ~0.3 ms key operation of an RSA-2048 signature overlaps the event loop's work; more
-# threads than cores would only queue.
-SIGNING_THREADS = 2
+LARGE_MESSAGE = 256 * 1024  # sign bigger messages in a thread so the event loop stays responsive
 
 
 class Signer(Protocol):
@@ -65,20 +60,13 @@ class Normalise:
 
 
 class DkimSign:
-    """Sign what will go out with the key of the From domain (or its nearest parent).
-
-    The signature is made in a small thread pool of its own, not on the event loop: the RSA
-    key operation releases the GIL, and was a fifth of the loop's time when it ran there
-    (smtp-source, a new connection per 10 KB message). The pool is not ``asyncio.to_thread``'s
-    default one, which password hashing shares.
-    """
+    """Sign what will go out with the key of the From domain (or its nearest parent)."""
 
     name = "dkim-sign"
     durable = False
 
     def __init__(self, signer: Signer | None) -> None:
         self.signer = signer
-        self._threads = ThreadPoolExecutor(SIGNING_THREADS, thread_name_prefix="dkim-sign")
 
     async def __call__(self, item: QueuedMessage) -> None:
         if self.signer is None or b"DKIM-Signature:" in header_block(item.prepend or b"x"):
@@ -88,9 +76,11 @@ class DkimSign:
         if not domain or not self.signer.has_key(domain):
             return
         message = outgoing(item.raw, item.prepend)
-        sign = functools.partial(self.signer.sign, message, domain=domain)
         try:
-            signature = await asyncio.get_running_loop().run_in_executor(self._threads, sign)
+            if len(message) > LARGE_MESSAGE:
+                signature = await asyncio.to_thread(self.signer.sign, message, domain=domain)
+            else:
+                signature = self.signer.sign(message, domain=domain)
         except UnsignableMessage as exc:
             # A header section dkimpy cannot parse: the recipient's verifier could not either,
             # so an unsigned message loses nothing, while a bounce would lose the mail.
