@@ -59,11 +59,18 @@ class Worker:
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
+        # When to look at the disk rather than only at what the doors handed over: at start and
+        # when asked (wake() without an id), every poll interval (retries that came due, leases
+        # of dead processes), and again at once while the last look filled every free slot.
+        self._look = True
+        self._looked_at = 0.0
 
     def wake(self, message_id: str = "") -> None:
         """A door stored a message (or an admin asked for a retry): look now, not at the poll."""
         if message_id:
             self._woken.put_nowait(message_id)
+        else:
+            self._look = True
         self._tick.set()
 
     async def start(self) -> None:
@@ -107,9 +114,20 @@ class Worker:
             ids: list[str] = []
             while not self._woken.empty() and len(ids) < free:
                 ids.append(self._woken.get_nowait())
-            items = await self.store.claim(free, ids) if ids else []
-            if not ids:
+            if ids:
+                items = await self.store.claim(free, ids)
+            elif (
+                self._look
+                or time.monotonic() - self._looked_at >= self.settings.poll_interval_seconds
+            ):
+                # Not after every finished message: under load that was a claim transaction
+                # per message that found nothing.
+                self._look = False
+                self._looked_at = time.monotonic()
                 items = await self.store.claim(free)
+                self._look = len(items) == free
+            else:
+                return
             for item in items:
                 task = asyncio.create_task(self.process(item), name=f"message-{item.id}")
                 self._tasks.add(task)
