@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 import uuid
@@ -69,6 +70,14 @@ _STREAMED_BODY = 1024 * 1024  # from this size on, SQLite gets the body in slice
 _ZEROBLOB = text("INSERT INTO message_body (id, raw) VALUES (:id, zeroblob(:size)) RETURNING rowid")
 
 
+def _sqlite_cursor(connection: Connection) -> sqlite3.Cursor | None:
+    """The driver's cursor of a SQLite connection (in the same transaction); None otherwise."""
+    if connection.dialect.name != "sqlite":
+        return None
+    dbapi = connection.connection.dbapi_connection
+    return dbapi.cursor() if isinstance(dbapi, sqlite3.Connection) else None
+
+
 def insert_body(connection: Connection, message_id: str, raw: bytes) -> None:
     """Store a body; big ones go to SQLite through its incremental blob API.
 
@@ -88,7 +97,7 @@ def insert_body(connection: Connection, message_id: str, raw: bytes) -> None:
             blob.write(view[start : start + _STREAMED_BODY])
 
 
-_RECORD = text(
+_RECORD_SQL = (
     "UPDATE message SET steps_done = :steps_done, prepend = :prepend, "
     "header_message_id = :header_message_id, meta = :meta, updated_at = :now, "
     "state = COALESCE(:state, state), "
@@ -97,7 +106,8 @@ _RECORD = text(
     "next_attempt_at = COALESCE(:next_attempt_at, next_attempt_at), "
     "attempts = attempts + :retried, last_error = COALESCE(:error, last_error) "
     "WHERE id = :id AND lease_owner = :owner"
-).bindparams(
+)
+_RECORD = text(_RECORD_SQL).bindparams(
     bindparam("steps_done", type_=JSON),
     bindparam("meta", type_=JSON),
     bindparam("prepend", type_=LargeBinary),
@@ -106,6 +116,27 @@ _RECORD = text(
     bindparam("next_attempt_at", type_=Float),
     bindparam("retried", type_=Integer),
     bindparam("error", type_=String),
+)
+# SQLite gets the per-message writes (accept, record) on the driver's cursor: through
+# SQLAlchemy's execution machinery the three inserts of an accept cost ~75 us of the writer
+# thread's CPU (and GIL), on the cursor ~21 us. Same statements, same values: the JSON columns
+# are serialised with json.dumps, as SQLAlchemy's JSON type does. PostgreSQL keeps SQLAlchemy.
+_SQLITE_INSERT_MESSAGE = (
+    "INSERT INTO message (id, source, state, mail_from, rcpt_tos, prepend, size, username, "
+    "client_address, header_message_id, meta, steps_done, attempts, created_at, updated_at, "
+    "next_attempt_at, lease_owner, lease_expires_at) VALUES (:id, :source, :state, :mail_from, "
+    ":rcpt_tos, :prepend, :size, :username, :client_address, :header_message_id, :meta, "
+    ":steps_done, :attempts, :created_at, :updated_at, :next_attempt_at, :lease_owner, "
+    ":lease_expires_at)"
+)
+_SQLITE_INSERT_BODY = "INSERT INTO message_body (id, raw) VALUES (:id, :raw)"
+_SQLITE_INSERT_DELIVERY = (
+    "INSERT INTO delivery (message_id, recipient, state, attempts, updated_at) "
+    "VALUES (:message_id, :recipient, :state, :attempts, :updated_at)"
+)
+_SQLITE_RECORD_DELIVERY = (
+    "UPDATE delivery SET state = :state, last_code = :code, last_reply = :reply, "
+    "updated_at = :now, attempts = attempts + 1 WHERE message_id = :m AND recipient = :r"
 )
 _RECORD_DELIVERY = (
     update(DELIVERY)
@@ -267,7 +298,7 @@ class GroupCommitter:
         try:
             with self._engine.begin() as connection:
                 return (True, fn(connection))
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, sqlite3.Error) as exc:  # the latter from the cursor fast path
             log.error("store write failed: %s", _reason(exc))
             return (False, StoreError(f"database write failed: {_reason(exc)}"))
         except Exception as exc:
@@ -295,7 +326,7 @@ def _writer_lock_path(engine: Engine) -> str | None:
     return f"{database}-writer.lock"
 
 
-def _reason(exc: SQLAlchemyError) -> str:
+def _reason(exc: SQLAlchemyError | sqlite3.Error) -> str:
     orig = getattr(exc, "orig", None)
     return str(orig or exc).splitlines()[0]
 
@@ -454,6 +485,7 @@ class Store:
         if lease_until is not None:
             row["lease_owner"] = self.owner
             row["lease_expires_at"] = lease_until
+        small = len(message.raw) < _STREAMED_BODY
         deliveries = [
             {
                 "message_id": message.id,
@@ -466,10 +498,27 @@ class Store:
         ]
 
         def write(connection: Connection) -> str:
-            connection.execute(_INSERT_MESSAGE, row)
-            insert_body(connection, message.id, message.raw)
+            cursor = _sqlite_cursor(connection) if small else None
+            if cursor is None:
+                connection.execute(_INSERT_MESSAGE, row)
+                insert_body(connection, message.id, message.raw)
+                if deliveries:
+                    connection.execute(_INSERT_DELIVERY, deliveries)
+                return message.id
+            cursor.execute(
+                _SQLITE_INSERT_MESSAGE,
+                {
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                    **row,
+                    "rcpt_tos": json.dumps(row["rcpt_tos"]),
+                    "meta": json.dumps(row["meta"]),
+                    "steps_done": json.dumps(row["steps_done"]),
+                },
+            )
+            cursor.execute(_SQLITE_INSERT_BODY, {"id": message.id, "raw": message.raw})
             if deliveries:
-                connection.execute(_INSERT_DELIVERY, deliveries)
+                cursor.executemany(_SQLITE_INSERT_DELIVERY, deliveries)
             return message.id
 
         return write
@@ -644,10 +693,22 @@ class Store:
         ]
 
         def write(connection: Connection) -> bool:
-            if not connection.execute(_RECORD, values).rowcount:
-                return False
-            if outcome_rows:
-                connection.execute(_RECORD_DELIVERY, outcome_rows)
+            cursor = _sqlite_cursor(connection)
+            if cursor is None:
+                if not connection.execute(_RECORD, values).rowcount:
+                    return False
+                if outcome_rows:
+                    connection.execute(_RECORD_DELIVERY, outcome_rows)
+            else:
+                encoded = {
+                    **values,
+                    "steps_done": json.dumps(values["steps_done"]),
+                    "meta": json.dumps(values["meta"]),
+                }
+                if not cursor.execute(_RECORD_SQL, encoded).rowcount:
+                    return False
+                if outcome_rows:
+                    cursor.executemany(_SQLITE_RECORD_DELIVERY, outcome_rows)
             if extra is not None:
                 extra(connection)
             return True
