@@ -45,7 +45,7 @@ def test_init_writes_a_working_config_database_and_certificate(site: Path) -> No
     assert (site / "var" / "tls" / "cert.pem").exists()
     # The bundled CRM may send mail through this gateway, with a token of its own.
     crm = (site / "crm.toml").read_text()
-    assert '[gateway]\n' in crm and 'url = "http://127.0.0.1:8026"' in crm
+    assert "[gateway]\n" in crm and 'url = "http://127.0.0.1:8026"' in crm
     assert 'token = "mgt_' in crm
     assert oct((site / "var" / "tls" / "key.pem").stat().st_mode & 0o777) == "0o600"
     assert mailgate(site, "config", "check").stdout.strip() == "mailgate.toml: OK"
