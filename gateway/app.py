@@ -97,6 +97,9 @@ class Mailgate:
         self.store = Store(
             self.engine, self.committer, lease_seconds=settings.database.lease_seconds
         )
+        # After a crash and a restart, our predecessor's messages go on now, not at lease expiry.
+        if freed := await self.store.reclaim():
+            log.info("took back %d messages a stopped gateway process had leased", freed)
         self.relay = Relay(
             settings.relay,
             hostname=settings.server.hostname,

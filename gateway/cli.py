@@ -354,7 +354,7 @@ def _link_crm_to_gateway(crm_path: Path, settings: Settings, token: str) -> None
     host = f"[{host}]" if ":" in host else host
     with crm_path.open("a", encoding="utf-8") as out:
         out.write(
-            "\n[gateway]\n# The gateway the CRM sends mail through (its admin API, a token of it).\n"
+            "\n[gateway]\n# The gateway the CRM sends mail through: its admin API and a token.\n"
             f'url = "http://{host}:{api.port}"\ntoken = "{token}"\n'
         )
     print(f"the bundled CRM sends mail through this gateway ({crm_path} [gateway])")

@@ -57,6 +57,7 @@ from gateway.imap.vault import SecretError, Vault
 from gateway.message import normalise_address
 from gateway.metrics import Metrics
 from gateway.settings import Settings
+from gateway.store.owner import is_dead
 from gateway.store.queue import Store
 from hooks.crm_client import CrmClient
 
@@ -316,8 +317,31 @@ class ImapService:
     async def start(self) -> None:
         self._initial = asyncio.Semaphore(self.settings.max_initial_syncs)
         if self.settings.enabled:
+            await self._reclaim()
             await self.reconcile()
             self._reconciler = asyncio.create_task(self._reconcile_loop(), name="imap-reconcile")
+
+    async def _reclaim(self) -> None:
+        """Mailboxes a dead gateway process of this machine was syncing are free at once (a
+        crash and a restart), not when their leases expire (see gateway.store.owner)."""
+        me = self.store.owner
+
+        def write(connection: Connection) -> int:
+            owners = connection.execute(
+                select(ACCOUNT.c.lease_owner).where(ACCOUNT.c.lease_owner.is_not(None)).distinct()
+            ).scalars()
+            dead = [o for o in owners if is_dead(o, me=me)]
+            if not dead:
+                return 0
+            freed = connection.execute(
+                update(ACCOUNT)
+                .where(ACCOUNT.c.lease_owner.in_(dead))
+                .values(lease_owner=None, lease_expires_at=None)
+            )
+            return int(freed.rowcount or 0)
+
+        if freed := await self.store.committer.write(write):
+            log.info("took back %d mailboxes a stopped gateway process was syncing", freed)
 
     async def stop(self) -> None:
         if self._reconciler is not None:
