@@ -214,7 +214,8 @@ class HooksSettings(Section):
     match_cache_seconds: float = opt(60.0, "How long a contact-match answer is reused", ge=0)
     match_batch_size: int = opt(500, "Addresses per /contacts/match call", ge=1, le=1000)
     submission_sharing: Literal["private", "custom", "public"] = opt(
-        "public", "Sharing level of mail logged from the submission door"
+        "public",
+        "Sharing level of submitted mail of reps without a primary mailbox (with one: its level)",
     )
     max_body_bytes: int = opt(
         256 * 1024, "Text and HTML bodies above this are truncated in events (with a flag)", ge=1024
