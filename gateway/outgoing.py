@@ -22,12 +22,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, insert
 from sqlmodel import Session, select
 
 from gateway.compose import Draft, bracketed, compose, new_message_id
@@ -40,11 +41,12 @@ from gateway.imap.vault import SecretError
 from gateway.message import normalise_address, outgoing
 from gateway.relay import Relay
 from gateway.settings import RelaySettings
-from gateway.store.models import Source
+from gateway.store.models import ApiSend, Source
 from gateway.store.queue import NewMessage, QueuedMessage, Store
 from gateway.users import UserError, get_user, identity_of
 
 log = logging.getLogger(__name__)
+API_SEND = ApiSend.__table__  # type: ignore[attr-defined]
 
 
 class SendError(ValueError):
@@ -73,6 +75,7 @@ class Accepted:
     account_id: str | None
     recipients: int
     route: str  # "account" (the mailbox's SMTP server) or "gateway"
+    repeated: bool = False  # the CRM sent this Message-ID before: the first one's answer
 
 
 def resolve_sender(session: Session, *, account: str | None, user: str | None) -> Sender:
@@ -152,6 +155,26 @@ class Outgoing:
         self.max_recipients = max_recipients
         self.wake = wake
 
+    async def _accept_once(self, message: NewMessage) -> tuple[str, bool]:
+        """Queue ``message`` unless the CRM already sent one with its Message-ID (the same
+        transaction records it); ``(queue id, whether this was the first time)``."""
+        key = str(message.header_message_id)
+        store = self.store.inserting(message)
+
+        def write(connection: Connection) -> tuple[str, bool]:
+            earlier = connection.execute(
+                select(API_SEND.c.queue_id).where(API_SEND.c.message_id == key)
+            ).scalar_one_or_none()
+            if earlier is not None:
+                return str(earlier), False
+            connection.execute(
+                insert(API_SEND).values(message_id=key, queue_id=message.id, created_at=time.time())
+            )
+            return store(connection), True
+
+        result: tuple[str, bool] = await self.store.committer.write(write)
+        return result
+
     async def send(
         self,
         draft: Draft,
@@ -201,18 +224,31 @@ class Outgoing:
                 status=413,
             )
         meta = queue_meta(sender, bcc=bcc, saves_sent=self.saves_sent, requested_by=requested_by)
-        stored = await self.store.accept(
-            NewMessage(
-                source=Source.API.value,
-                mail_from=sender.address,
-                rcpt_tos=recipients,
-                raw=raw,
-                username=sender.owner,
-                client_address=None,
-                header_message_id=mid.strip("<>"),
-                meta=meta,
-            )
+        new = NewMessage(
+            source=Source.API.value,
+            mail_from=sender.address,
+            rcpt_tos=recipients,
+            raw=raw,
+            username=sender.owner,
+            client_address=None,
+            header_message_id=mid.strip("<>"),
+            meta=meta,
         )
+        if message_id:
+            stored, first = await self._accept_once(new)
+            if not first:
+                log.info("the API sent %s again: answered with %s, not sent twice", mid, stored)
+                return Accepted(
+                    id=stored,
+                    message_id=mid,
+                    sender=sender.address,
+                    account_id=sender.account["id"] if sender.account else None,
+                    recipients=len(recipients),
+                    route="account" if sender.via_account else "gateway",
+                    repeated=True,
+                )
+        else:
+            stored = await self.store.accept(new)
         self.wake(stored)
         log.info("accepted %s from the API (%s for %s)", stored, sender.address, requested_by)
         return Accepted(

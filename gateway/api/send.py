@@ -15,7 +15,7 @@ import base64
 import binascii
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from gateway.api.deps import Admin, ApiContext, Context
@@ -77,7 +77,9 @@ class MessageIn(BaseModel):
     in_reply_to: MessageIdText | None = None
     references: list[MessageIdText] = Field(default_factory=list, max_length=100)
     message_id: MessageIdText | None = Field(
-        None, description="the Message-ID to use (default: a new one on the sender's domain)"
+        None,
+        description="the Message-ID to use (default: a new one on the sender's domain); a "
+        "request repeated with the same one is answered 200 with the first, never sent twice",
     )
 
     @field_validator("to", "cc", "bcc")
@@ -102,7 +104,9 @@ def router() -> APIRouter:
     routes = APIRouter(prefix="/api/v1/messages", tags=["messages"])
 
     @routes.post("", status_code=202)
-    async def send(context: Context, admin: Admin, data: MessageIn) -> dict[str, Any]:
+    async def send(
+        context: Context, admin: Admin, data: MessageIn, response: Response
+    ) -> dict[str, Any]:
         """Queue a message from the CRM; 202 once it is stored durably."""
         draft = Draft(
             sender="",  # decided by the gateway from `account` / `user`
@@ -128,7 +132,10 @@ def router() -> APIRouter:
             )
         except SendError as exc:
             raise HTTPException(exc.status, str(exc)) from None
+        if accepted.repeated:
+            response.status_code = 200  # sent before with this message_id: not sent again
         return {
+            "repeated": accepted.repeated,
             "id": accepted.id,
             "message_id": accepted.message_id,
             "from": accepted.sender,

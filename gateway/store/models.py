@@ -85,6 +85,18 @@ class MessageBody(GatewayTable, table=True):
     raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
+class ApiSend(GatewayTable, table=True):
+    """A message the CRM sent with its own Message-ID: a retry of the same request (after a
+    timeout, say) finds it here and is answered with the first one, never sent twice."""
+
+    __tablename__ = "api_send"
+
+    message_id: str = Field(primary_key=True, max_length=998)  # the Message-ID, no brackets
+    # No foreign key: an admin may delete the message from the queue; a retry still finds it.
+    queue_id: str = Field(max_length=32)
+    created_at: float
+
+
 class Delivery(GatewayTable, table=True):
     """One recipient of one message: what the upstream last said, and whether we are done."""
 

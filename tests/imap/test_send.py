@@ -347,3 +347,25 @@ def test_submitted_mail_of_a_rep_with_a_primary_mailbox_is_logged_under_it(
     assert [(a["account_id"], a["sharing"]) for a in emails[0]["accounts"]] == [
         (account, "private")
     ]
+
+
+def test_a_repeated_request_with_the_same_message_id_is_not_sent_twice(
+    gateway: RunningGateway, sink: Any
+) -> None:
+    api = _client(gateway)
+    body = {
+        "user": REP,
+        "to": ["jo@customer.test"],
+        "subject": "once",
+        "text": "x",
+        "message_id": "<crm-42@example.test>",
+    }
+    first = api.post("/api/v1/messages", json=body)
+    assert first.status_code == 202, first.text
+    assert first.json()["repeated"] is False
+    again = api.post("/api/v1/messages", json=body)  # the CRM retrying after a timeout
+    assert again.status_code == 200, again.text
+    assert again.json()["repeated"] is True and again.json()["id"] == first.json()["id"]
+    relayed = sink.wait_for_rcpt("jo@customer.test", timeout=15)
+    assert email.message_from_bytes(relayed.data)["Message-ID"] == "<crm-42@example.test>"
+    assert len(_queue_rows(gateway, "crm-42@example.test")) == 1
