@@ -14,7 +14,8 @@ Mail from a mailbox that has an SMTP server (every provider preset; a custom set
 Microsoft 365 address must leave through its own provider to pass DMARC at the recipient. A
 provider that files SMTP submissions in Sent by itself (``saves_sent`` in the presets) gets no
 APPEND from us. Mail from a rep's own address, or a mailbox without SMTP, takes the gateway's
-configured route like submitted mail.
+configured route like submitted mail. A Message-ID chosen by the CRM is recorded in the accept
+transaction (``api_send``), so a request the CRM repeats after a timeout is never sent twice.
 """
 
 from __future__ import annotations
