@@ -40,7 +40,7 @@ from gateway.imap.models import MailAccount
 from gateway.imap.service import ImapService
 from gateway.imap.vault import SecretError
 from gateway.message import normalise_address, outgoing
-from gateway.relay import Relay
+from gateway.relay import Advice, Relay
 from gateway.settings import RelaySettings
 from gateway.store.models import ApiSend, Source
 from gateway.store.queue import NewMessage, QueuedMessage, Store
@@ -366,6 +366,7 @@ class AccountRoutes:
             ),
             hostname=self.hostname,
             bearer=account.auth_method == "oauth",
+            advice=ACCOUNT_ADVICE,
         )
         if cached is not None:
             await cached[1].aclose()
@@ -377,6 +378,13 @@ class AccountRoutes:
             await relay.aclose()
         self._relays.clear()
 
+
+# Failures of a mailbox's own submission server name the settings that fix them.
+ACCOUNT_ADVICE = Advice(
+    ca_file="set imap.ca_file to the CA that signed its certificate, or fix the certificate",
+    starttls="the mailbox is set to STARTTLS; choose smtp_security ssl (usually port 465)",
+    auth="a password login needs AUTH PLAIN or LOGIN there (or sign the mailbox in with OAuth)",
+)
 
 # The account's words for SMTP security, in the relay's.
 _RELAY_SECURITY = {"ssl": "tls", "starttls": "starttls", "none": "none"}

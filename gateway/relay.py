@@ -108,6 +108,16 @@ class _Reply:
         return " ".join(part for part in (str(self.code), self.enhanced, self.text) if part)
 
 
+@dataclass(frozen=True, slots=True)
+class Advice:
+    """How a failure's sentence names the setting to change: the ``[relay]`` options by default,
+    a mailbox's own settings for its submission server (see gateway.outgoing)."""
+
+    ca_file: str = "set relay.ca_file to the CA that signed its certificate, or fix the certificate"
+    starttls: str = "relay.require_tls is on; enable TLS there, or set relay.security"
+    auth: str = "relay.username needs AUTH PLAIN or LOGIN"
+
+
 class _SessionFailed(Exception):
     """The session cannot go on; recipients without a final reply get a temporary result."""
 
@@ -209,9 +219,11 @@ class _Session:
         where: str,
         settings: RelaySettings,
         helo: str,
+        advice: Advice,
     ) -> None:
         self.reader = reader
         self.writer = writer
+        self.advice = advice
         self.host = host
         self.where = where  # "host[address]:port" for messages
         self._timeout = settings.command_timeout_seconds
@@ -335,7 +347,7 @@ class _Session:
                     ssl_handshake_timeout=self._connect_timeout,
                 )
         except (OSError, TimeoutError) as exc:
-            raise _TlsFailed(_tls_failure(self.where, exc), enhanced="4.7.5") from None
+            raise _TlsFailed(_tls_failure(self.where, exc, self.advice), enhanced="4.7.5") from None
         self.tls = True
         await self.hello()  # RFC 3207 §4.2: forget what was learnt before TLS
         return True
@@ -372,7 +384,7 @@ class _Session:
         else:
             what = f"only {' '.join(offered)}" if offered else "no AUTH"
             raise _SessionFailed(
-                f"{self.where} offers {what}; relay.username needs AUTH PLAIN or LOGIN",
+                f"{self.where} offers {what}; {self.advice.auth}",
                 enhanced="4.7.0",
             )
         if reply.code != 235:
@@ -589,8 +601,10 @@ class Relay:
         hostname: str,
         resolver: dns.asyncresolver.Resolver | None = None,
         bearer: bool = False,
+        advice: Advice | None = None,
     ) -> None:
         self._settings = settings
+        self._advice = advice or Advice()
         # settings.password is an OAuth access token, sent as SASL XOAUTH2 (a mailbox's own
         # submission server at Google or Microsoft).
         self._bearer = bearer
@@ -815,8 +829,7 @@ class Relay:
                 )
                 if not secured and settings.require_tls:
                     raise _SessionFailed(
-                        f"{session.where} does not offer STARTTLS and relay.require_tls "
-                        "is on; enable TLS there, or set relay.security",
+                        f"{session.where} does not offer STARTTLS and {self._advice.starttls}",
                         enhanced="4.7.10",
                     )
             if settings.username:
@@ -873,13 +886,19 @@ class Relay:
                     ssl_handshake_timeout=timeout if tls is not None else None,
                 )
         except ssl.SSLError as exc:
-            raise _SessionFailed(_tls_failure(where, exc), enhanced="4.7.5") from None
+            raise _SessionFailed(_tls_failure(where, exc, self._advice), enhanced="4.7.5") from None
         except (OSError, TimeoutError) as exc:
             raise _SessionFailed(
                 f"cannot connect to {where}: {_describe(exc)}", enhanced="4.4.1"
             ) from None
         session = _Session(
-            reader, writer, host=host, where=where, settings=self._settings, helo=self._helo
+            reader,
+            writer,
+            host=host,
+            where=where,
+            settings=self._settings,
+            helo=self._helo,
+            advice=self._advice,
         )
         try:
             await session.greet()
@@ -999,10 +1018,10 @@ class Relay:
         return [], temporary or "no address record (A/AAAA)"
 
 
-def _tls_failure(where: str, exc: BaseException) -> str:
+def _tls_failure(where: str, exc: BaseException, advice: Advice) -> str:
     text = f"TLS with {where} failed: {_describe(exc)}"
     if isinstance(exc, ssl.SSLCertVerificationError):
-        text += "; set relay.ca_file to the CA that signed its certificate, or fix the certificate"
+        text += f"; {advice.ca_file}"
     return text
 
 

@@ -509,6 +509,30 @@ def test_untrusted_smarthost_certificate_is_a_temporary_failure(
         assert sink.messages == []
 
 
+def test_a_mailbox_submission_server_failure_names_the_mailbox_settings(
+    test_ca: TestCA,
+) -> None:
+    # The same failure on a mailbox's own server (gateway.outgoing) points at its settings.
+    from gateway.outgoing import ACCOUNT_ADVICE
+
+    with MessageSink(tls_context=test_ca.server_context()) as sink:
+
+        async def scenario() -> list[RecipientResult]:
+            relay = Relay(
+                settings(port=sink.port, security="starttls"),
+                hostname="gw.mailgate.test",
+                advice=ACCOUNT_ADVICE,
+            )
+            try:
+                return await relay.send("rep@corp.test", ["a@c.test"], MESSAGE)
+            finally:
+                await relay.aclose()
+
+        results = run(scenario())
+        assert "imap.ca_file" in results[0].text and "relay." not in results[0].text
+        assert sink.messages == []
+
+
 class _Users:
     """An aiosmtpd authenticator with one user."""
 
