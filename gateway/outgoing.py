@@ -21,6 +21,7 @@ transaction (``api_send``), so a request the CRM repeats after a timeout is neve
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
@@ -201,19 +202,7 @@ class Outgoing:
                 status=413,
             )
         mid = bracketed(message_id) if message_id else new_message_id(sender.address)
-        draft = Draft(
-            sender=sender.address,
-            sender_name=draft.sender_name,
-            to=draft.to,
-            cc=draft.cc,
-            subject=draft.subject,
-            text=draft.text,
-            html=draft.html,
-            attachments=draft.attachments,
-            in_reply_to=draft.in_reply_to,
-            references=draft.references,
-            reply_to=draft.reply_to,
-        )
+        draft = dataclasses.replace(draft, sender=sender.address)
         try:
             raw = compose(draft, message_id=mid, date=datetime.now(UTC))
         except ValueError as exc:
@@ -237,21 +226,13 @@ class Outgoing:
         )
         if message_id:
             stored, first = await self._accept_once(new)
-            if not first:
-                log.info("the API sent %s again: answered with %s, not sent twice", mid, stored)
-                return Accepted(
-                    id=stored,
-                    message_id=mid,
-                    sender=sender.address,
-                    account_id=sender.account["id"] if sender.account else None,
-                    recipients=len(recipients),
-                    route="account" if sender.via_account else "gateway",
-                    repeated=True,
-                )
         else:
-            stored = await self.store.accept(new)
-        self.wake(stored)
-        log.info("accepted %s from the API (%s for %s)", stored, sender.address, requested_by)
+            stored, first = await self.store.accept(new), True
+        if first:
+            self.wake(stored)
+            log.info("accepted %s from the API (%s for %s)", stored, sender.address, requested_by)
+        else:
+            log.info("the API sent %s again: answered with %s, not sent twice", mid, stored)
         return Accepted(
             id=stored,
             message_id=mid,
@@ -259,6 +240,7 @@ class Outgoing:
             account_id=sender.account["id"] if sender.account else None,
             recipients=len(recipients),
             route="account" if sender.via_account else "gateway",
+            repeated=not first,
         )
 
 

@@ -24,7 +24,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from gateway.capture.settings import CaptureSettings
 from gateway.errors import ConfigError
 from gateway.imap.settings import ImapSettings
-from gateway.settings_base import Section, opt
+from gateway.settings_base import Schedule, Section, opt
 
 DEFAULT_CONFIG_PATH = Path("mailgate.toml")  # conf/mailgate.toml is the documented template
 CONFIG_ENV = "MAILGATE_CONFIG"
@@ -126,7 +126,7 @@ class RelaySettings(Section):
     connect_timeout_seconds: float = opt(30, "Connecting to the upstream", gt=0)
     command_timeout_seconds: float = opt(120, "Waiting for any one upstream reply", gt=0)
     max_connections: int = opt(8, "Open connections per upstream route", ge=1, le=256)
-    retry_schedule_seconds: list[float] = opt(
+    retry_schedule_seconds: Schedule = opt(
         lambda: [60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0],
         "Delays between attempts; the last one repeats until the queue lifetime ends",
     )
@@ -134,13 +134,6 @@ class RelaySettings(Section):
         5 * 24 * 3600, "Give up and bounce after this long (5 days, as MTAs do)", gt=0
     )
     bounce_sender: str = opt("", "From address of DSNs (empty: MAILER-DAEMON@server.hostname)")
-
-    @field_validator("retry_schedule_seconds")
-    @classmethod
-    def _schedule_not_empty(cls, value: list[float]) -> list[float]:
-        if not value or any(step <= 0 for step in value):
-            raise ValueError("needs at least one positive number of seconds")
-        return value
 
 
 class DkimSettings(Section):
@@ -223,7 +216,7 @@ class HooksSettings(Section):
     dispatch_concurrency: int = opt(16, "Webhook POSTs in flight at once", ge=1, le=256)
     request_timeout_seconds: float = opt(10.0, "Time limit of one webhook POST", gt=0)
     max_response_bytes: int = opt(64 * 1024, "Most of a subscriber's reply that is read", ge=0)
-    retry_schedule_seconds: list[float] = opt(
+    retry_schedule_seconds: Schedule = opt(
         lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0],
         "Delays between webhook attempts; after the last one the event is dead-lettered",
     )

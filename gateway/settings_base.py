@@ -6,9 +6,9 @@ Each feature package (``gateway.capture``, ``gateway.imap``) declares its own TO
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 class Section(BaseModel):
@@ -22,3 +22,13 @@ def opt(default: Any = ..., doc: str = "", **kw: Any) -> Any:
     if default is list or (callable(default) and not isinstance(default, type)):
         return Field(default_factory=default, description=doc, **kw)
     return Field(default=default, description=doc, **kw)
+
+
+def _schedule(value: list[float]) -> list[float]:
+    if not value or any(step <= 0 for step in value):
+        raise ValueError("needs at least one positive number of seconds")
+    return value
+
+
+# A retry schedule: waits in seconds, at least one, all positive (the last one repeats or ends).
+Schedule = Annotated[list[float], AfterValidator(_schedule)]

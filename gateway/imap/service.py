@@ -57,7 +57,7 @@ from gateway.imap.vault import SecretError, Vault
 from gateway.message import normalise_address
 from gateway.metrics import Metrics
 from gateway.settings import Settings
-from gateway.store.owner import is_dead
+from gateway.store.owner import free_dead_leases
 from gateway.store.queue import Store
 from hooks.crm_client import CrmClient
 
@@ -327,18 +327,7 @@ class ImapService:
         me = self.store.owner
 
         def write(connection: Connection) -> int:
-            owners = connection.execute(
-                select(ACCOUNT.c.lease_owner).where(ACCOUNT.c.lease_owner.is_not(None)).distinct()
-            ).scalars()
-            dead = [o for o in owners if is_dead(o, me=me)]
-            if not dead:
-                return 0
-            freed = connection.execute(
-                update(ACCOUNT)
-                .where(ACCOUNT.c.lease_owner.in_(dead))
-                .values(lease_owner=None, lease_expires_at=None)
-            )
-            return int(freed.rowcount or 0)
+            return free_dead_leases(connection, ACCOUNT, me=me)
 
         if freed := await self.store.committer.write(write):
             log.info("took back %d mailboxes a stopped gateway process was syncing", freed)

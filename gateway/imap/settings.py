@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import field_validator
-
-from gateway.settings_base import Section, opt
+from gateway.settings_base import Schedule, Section, opt
 
 
 class ImapSettings(Section):
@@ -62,7 +60,7 @@ class ImapSettings(Section):
     auth_max_failures: int = opt(
         3, "Failed logins in a row before an account is marked auth_failed (no lock-outs)", ge=1
     )
-    retry_schedule_seconds: list[float] = opt(
+    retry_schedule_seconds: Schedule = opt(
         lambda: [5.0, 30.0, 120.0, 600.0, 1800.0],
         "Waits after temporary errors (network, server, CRM); the last one repeats",
     )
@@ -96,10 +94,3 @@ class ImapSettings(Section):
     tcp_keepalive_seconds: int = opt(
         60, "TCP keepalive idle time on IMAP sockets, so a dead peer is noticed while idling", ge=1
     )
-
-    @field_validator("retry_schedule_seconds")
-    @classmethod
-    def _schedule_not_empty(cls, value: list[float]) -> list[float]:
-        if not value or any(step <= 0 for step in value):
-            raise ValueError("needs at least one positive number of seconds")
-        return value

@@ -18,6 +18,8 @@ import secrets
 import socket
 from pathlib import Path
 
+from sqlalchemy import Connection, Table, select, update
+
 _HOST_CHARS = 20  # lease_owner columns hold 64 characters
 # Owner ids made in this process: under our own pid, any other id is a previous life's.
 _MINE: set[str] = set()
@@ -60,3 +62,18 @@ def is_dead(owner: str, *, me: str) -> bool:
     except PermissionError:
         return False  # alive, under another user
     return False
+
+
+def free_dead_leases(connection: Connection, table: Table, *, me: str) -> int:
+    """Clear the leases in ``table`` (messages, mailboxes: any table with ``lease_owner`` and
+    ``lease_expires_at``) held by dead processes of this machine; how many rows were freed."""
+    owners = select(table.c.lease_owner).where(table.c.lease_owner.is_not(None)).distinct()
+    dead = [o for o in connection.execute(owners).scalars() if is_dead(o, me=me)]
+    if not dead:
+        return 0
+    freed = connection.execute(
+        update(table)
+        .where(table.c.lease_owner.in_(dead))
+        .values(lease_owner=None, lease_expires_at=None)
+    )
+    return int(freed.rowcount or 0)

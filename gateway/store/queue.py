@@ -55,7 +55,7 @@ from gateway.errors import StoreError
 from gateway.message import parse_headers
 from gateway.store.db import is_postgres
 from gateway.store.models import Delivery, DeliveryState, Message, MessageBody, MessageState
-from gateway.store.owner import is_dead, new_owner
+from gateway.store.owner import free_dead_leases, new_owner
 
 log = logging.getLogger(__name__)
 
@@ -564,18 +564,9 @@ class Store:
         """Take back at once the leases of this machine's dead gateway processes (a crash and a
         restart, see :mod:`gateway.store.owner`) instead of waiting for them to expire; returns
         how many messages were freed."""
-        owners = select(MESSAGE.c.lease_owner).where(MESSAGE.c.lease_owner.is_not(None)).distinct()
 
         def write(connection: Connection) -> int:
-            dead = [o for o in connection.execute(owners).scalars() if is_dead(o, me=self.owner)]
-            if not dead:
-                return 0
-            freed = connection.execute(
-                update(MESSAGE)
-                .where(MESSAGE.c.lease_owner.in_(dead))
-                .values(lease_owner=None, lease_expires_at=None)
-            )
-            return int(freed.rowcount or 0)
+            return free_dead_leases(connection, MESSAGE, me=self.owner)
 
         freed: int = await self.committer.write(write)
         return freed

@@ -13,6 +13,17 @@ from gateway.store.queue import GroupCommitter, Store
 from tests.gateway.test_store import message
 
 
+def finished_owner() -> str:
+    """The owner id of a gateway process that has since ended."""
+    child = subprocess.run(
+        [sys.executable, "-c", "from gateway.store.owner import new_owner; print(new_owner())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return child.stdout.strip()
+
+
 def test_owner_ids_name_this_process_and_differ() -> None:
     first, second = new_owner(), new_owner()
     assert first != second and len(first) <= 64
@@ -22,13 +33,7 @@ def test_owner_ids_name_this_process_and_differ() -> None:
 
 
 def test_a_finished_process_is_dead_a_live_one_is_not() -> None:
-    child = subprocess.run(
-        [sys.executable, "-c", "from gateway.store.owner import new_owner; print(new_owner())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    gone = child.stdout.strip()
+    gone = finished_owner()
     me = new_owner()
     assert is_dead(gone, me=me)
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) as alive:
@@ -50,13 +55,7 @@ def test_only_certain_deaths_count() -> None:
 
 
 def test_a_restarted_gateway_takes_back_its_dead_predecessors_leases(db_url: str) -> None:
-    finished = subprocess.run(
-        [sys.executable, "-c", "from gateway.store.owner import new_owner; print(new_owner())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    gone = finished.stdout.strip()
+    gone = finished_owner()
 
     async def main() -> None:
         engine = make_engine(db_url)

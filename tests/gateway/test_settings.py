@@ -63,3 +63,13 @@ def test_broken_toml_is_one_line(tmp_path: Path) -> None:
 def test_missing_explicit_file_says_how_to_make_one(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="mailgate init"):
         load_settings(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("section", ["relay", "hooks", "imap"])
+def test_every_retry_schedule_needs_a_positive_wait(tmp_path: Path, section: str) -> None:
+    path = tmp_path / "mailgate.toml"
+    path.write_text(f"[{section}]\nretry_schedule_seconds = []\n")
+    with pytest.raises(ConfigError) as error:
+        load_settings(path)
+    assert f"`{section}.retry_schedule_seconds`" in str(error.value)
+    assert "at least one positive number of seconds" in str(error.value)
