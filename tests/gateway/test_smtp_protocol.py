@@ -1,4 +1,5 @@
-"""A connection's protocol made by ``MailgateSMTP.copy`` is the one ``__init__`` makes."""
+"""The door's protocol object: ``MailgateSMTP.copy`` makes what ``__init__`` makes, and the one
+idle timer per connection still closes a silent client and only a silent one."""
 
 from __future__ import annotations
 
@@ -113,3 +114,31 @@ async def _command_size_limits_are_per_connection() -> None:
     first.command_size_limits["MAIL"] += 36  # what aiosmtpd's EHLO does with SIZE + SMTPUTF8
     assert second.command_size_limits["MAIL"] == MailgateSMTP.command_size_limit
     assert prototype.command_size_limits["MAIL"] == MailgateSMTP.command_size_limit
+
+
+def test_idle_timeout_closes_only_a_silent_client() -> None:
+    asyncio.run(_idle_timeout_closes_only_a_silent_client())
+
+
+async def _idle_timeout_closes_only_a_silent_client() -> None:
+    loop = asyncio.get_running_loop()
+    arguments = {**_arguments(None), "timeout": 0.5}
+    prototype = MailgateSMTP(_Handler(), **arguments, loop=loop)
+    server = await loop.create_server(prototype.copy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        assert (await reader.readline()).startswith(b"220 ")
+        # Busy for twice the timeout: each command pushes the deadline on.
+        start = last = loop.time()
+        while last - start < 1.0:
+            await asyncio.sleep(0.1)  # the client's pace, not a wait for state
+            writer.write(b"NOOP\r\n")
+            assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"250 ")
+            last = loop.time()
+        # Then silent: closed once the timeout has passed since the last command, not before.
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert loop.time() - last >= 0.45
+    finally:
+        writer.close()
+        server.close()
