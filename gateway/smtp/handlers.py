@@ -65,13 +65,17 @@ class SubmissionHandler:
 
     def facts(self, server: SMTP, session: Session) -> SessionFacts:
         identity = session.auth_data if isinstance(session.auth_data, Identity) else None
+        tls = session.ssl is not None or getattr(server, "implicit_tls", False)
+        # Asked at MAIL, RCPT and DATA: made again only when AUTH or STARTTLS changed them.
+        known: SessionFacts | None = getattr(server, "mailgate_facts", None)
+        if known is not None and known.identity is identity and known.tls == tls:
+            return known
         peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer or "")
-        return SessionFacts(
-            identity=identity,
-            peer=peer,
-            tls=session.ssl is not None or getattr(server, "implicit_tls", False),
-            trusted_networks=self.trusted_networks,
+        facts = SessionFacts(
+            identity=identity, peer=peer, tls=tls, trusted_networks=self.trusted_networks
         )
+        server.mailgate_facts = facts  # type: ignore[attr-defined]
+        return facts
 
     def _refuse(self, verdict: Verdict) -> str:
         self.metrics.refused.labels(reason=verdict.value).inc()

@@ -8,6 +8,7 @@ functions, and the same rules serve any door that needs them.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -87,15 +88,23 @@ class SessionFacts:
     @property
     def trusted(self) -> bool:
         """A client in a trusted network (like Postfix's mynetworks) may relay without AUTH."""
-        try:
-            ip = ipaddress.ip_address(self.peer)
-        except ValueError:
-            return False
-        return any(ip in network for network in self.trusted_networks)
+        return _in_networks(self.peer, tuple(self.trusted_networks))
 
     @property
     def may_relay(self) -> bool:
         return self.identity is not None or self.trusted
+
+
+@functools.lru_cache(maxsize=4096)
+def _in_networks(
+    peer: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> bool:
+    # Cached: asked at MAIL and at RCPT of every message, mostly by the same few clients.
+    try:
+        ip = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 def is_mailbox(address: str) -> bool:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import email.utils
+import random
+import re
+
+import pytest
+
 from gateway.message import (
+    _SIMPLE_MAILBOX,
+    addresses,
     dedupe_key,
     has_bare_line_ending,
     missing_header_lines,
@@ -44,7 +52,73 @@ def test_addresses_normalise_case_and_idn() -> None:
     assert normalise_address(" <Bob@Bücher.Example> ") == "bob@xn--bcher-kva.example"
 
 
-def test_bare_line_endings() -> None:
-    assert not has_bare_line_ending(b"a\r\nb\r\n")
-    assert has_bare_line_ending(b"a\nb")
-    assert has_bare_line_ending(b"a\r.\r")
+@pytest.mark.parametrize("copy_limit", [1 << 20, 0])  # both ways of finding them
+def test_bare_line_endings(copy_limit: int) -> None:
+    def bare(raw: bytes) -> bool:
+        return has_bare_line_ending(raw, copy_limit=copy_limit)
+
+    assert not bare(b"a\r\nb\r\n")
+    assert not bare(b"")
+    for raw in [b"a\nb", b"a\r.\r", b"\r\r\n", b"\r\n\n", b"\r\r\n\n", b"\n\r", b"x\r"]:
+        assert bare(raw), raw
+    rng = random.Random(3)
+    for _ in range(2000):
+        raw = bytes(rng.choices(b"\r\nab", k=rng.randrange(8)))
+        assert bare(raw) == bool(re.search(rb"\r(?!\n)|(?<!\r)\n", raw)), raw
+
+
+def _parser_answer(value: str) -> list[str]:
+    """What ``addresses`` gives through the email package's parser alone."""
+    return [normalise_address(addr) for _, addr in email.utils.getaddresses([value]) if "@" in addr]
+
+
+SIMPLE_FROM = [
+    "a@b",
+    "<a@b>",
+    "Bench <bench@example.test>",
+    "  Bench  Two <A.b+c@Example.COM>  ",
+    "Name<a@b.c>",
+    "<a@b.c> ",
+    "\t<a@b>",
+    "a.b@c-d.e",
+    "x <a@b>, y <c@d>",
+    '"Quoted, Name" <a@b>',
+    "a@b (comment)",
+    "=?utf-8?q?J=C3=B6rg?= <j@b>",
+    "Group: a@b, c@d;",
+    "<a..b@c>",
+    "<.a@b>",
+    "<a@b.>",
+    "<a@-b>",
+    "Name <a@b> trailing",
+    "<@x:a@b>",
+    "a@[192.0.2.1]",
+]
+
+
+def _random_from(count: int) -> list[str]:
+    rng = random.Random(5322)
+    alphabet = 'ab.@<>-_+ \t()"[],;:\\=?x1'
+    return [
+        rng.choice(["", "Name ", " A b1 ", "".join(rng.choices(alphabet, k=rng.randrange(12)))])
+        + rng.choice(["a@b", "<a@b>", "x.y@c.d", "<a@b.c> ", "<A+1@B-2.c>", ""])
+        + rng.choice(["", "".join(rng.choices(alphabet, k=rng.randrange(4)))])
+        for _ in range(count)
+    ]
+
+
+@pytest.mark.parametrize("value", SIMPLE_FROM)
+def test_the_fast_path_for_one_plain_mailbox_gives_the_parsers_answer(value: str) -> None:
+    headers = parse_headers(f"From: {value}\r\nTo: x@y\r\n\r\nbody".encode())
+    assert addresses(headers, "From") == _parser_answer(str(headers["From"]))
+
+
+def test_the_fast_path_agrees_with_the_parser_on_random_headers() -> None:
+    wrong, fast = [], 0
+    for value in _random_from(3000):
+        headers = parse_headers(f"From: {value}\r\n\r\n".encode())
+        fast += bool(_SIMPLE_MAILBOX.match(str(headers["From"])))
+        if addresses(headers, "From") != _parser_answer(str(headers["From"])):
+            wrong.append(value)
+    assert wrong == []
+    assert fast > 300  # the inputs do exercise the fast path
