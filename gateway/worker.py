@@ -102,8 +102,11 @@ class Worker:
             except Exception:
                 # The runner must outlive any bug: log it and try again at the next tick.
                 log.exception("worker loop failed; retrying")
+            # asyncio.timeout, not wait_for: this runs about twice per message under load, and
+            # wait_for (Python 3.11) wraps the wait in a task of its own each time.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._tick.wait(), self.settings.poll_interval_seconds)
+                async with asyncio.timeout(self.settings.poll_interval_seconds):
+                    await self._tick.wait()
             self._tick.clear()
 
     async def _claim_and_start(self) -> None:
