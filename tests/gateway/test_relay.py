@@ -10,6 +10,9 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -19,7 +22,8 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from gateway.relay import RecipientResult, Relay
+import gateway.relay
+from gateway.relay import RecipientResult, Relay, _prepare
 from gateway.settings import RelaySettings
 from tests.servers.certs import TestCA
 from tests.servers.dns import AuthoritativeDns
@@ -210,6 +214,23 @@ def test_message_starting_with_a_dot_and_a_large_one_are_stuffed(plain_sink: Mes
     assert arrived(plain_sink, "dot@client.test")[0].data == starts_with_dot
 
 
+def _prepared_the_long_way(message: bytes) -> bytes:
+    """What _prepare must produce, computed by normalising and stuffing every message."""
+    message = re.sub(rb"\r\n|\r|\n", b"\r\n", message)
+    message = re.sub(rb"(?m)^\.", b"..", message.replace(b"\r\n", b"\n")).replace(b"\n", b"\r\n")
+    return message if not message or message.endswith(b"\r\n") else message + b"\r\n"
+
+
+def test_preparation_agrees_with_normalising_everything() -> None:
+    # _prepare skips its passes when two searches find nothing to change; every short mix of
+    # CR, LF, "." and text (bare ends first and last included) must come out the same anyway.
+    pieces = [b"\r", b"\n", b"\r\n", b".", b"a", b"\xc3\xa9"]
+    for length in range(6):
+        for combination in itertools.product(pieces, repeat=length):
+            message = b"".join(combination)
+            assert _prepare(message).data == _prepared_the_long_way(message), message
+
+
 def test_null_reverse_path_is_sent_as_empty_brackets(plain_sink: MessageSink) -> None:
     async def scenario() -> bytes:
         async with WireTap(plain_sink.port) as tap, relay_for(tap.port) as relay:
@@ -342,6 +363,29 @@ def test_pool_reconnects_when_the_server_hangs_up_on_the_next_command(
     assert len(arrived(plain_sink, "race2@c.test")) == 1
 
 
+def test_a_connection_idle_too_long_is_closed_with_quit(
+    plain_sink: MessageSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One expiry timer per connection: armed at the first return to the pool, it must not close
+    # the connection used again since, and must close it once it has been idle long enough.
+    monkeypatch.setattr(gateway.relay, "IDLE_SECONDS", 1.5)
+
+    async def scenario() -> tuple[float, bytes]:
+        async with WireTap(plain_sink.port) as tap, relay_for(tap.port) as relay:
+            assert (await relay.send("rep@corp.test", ["idle-a@c.test"], MESSAGE))[0].delivered
+            await asyncio.sleep(0.9)
+            assert (await relay.send("rep@corp.test", ["idle-b@c.test"], MESSAGE))[0].delivered
+            last_used = time.monotonic()
+            await asyncio.sleep(1.0)  # past the first timer, short of the second idle spell
+            assert tap.open_connections == 1 and tap.connections == 1
+            await poll(lambda: tap.open_connections == 0, "idle connection closed", 10)
+            return time.monotonic() - last_used, bytes(tap.sent[0])
+
+    idle, wire = run(scenario())
+    assert idle > 1.4  # not before IDLE_SECONDS after its last use (less a little clock slack)
+    assert wire.endswith(b"QUIT\r\n")
+
+
 def test_aclose_says_quit_and_send_afterwards_is_a_bug(plain_sink: MessageSink) -> None:
     async def scenario() -> bytes:
         async with WireTap(plain_sink.port) as tap:
@@ -387,6 +431,123 @@ def test_a_server_that_never_answers_times_out() -> None:
     assert results[0].code == 0 and not results[0].permanent
     assert "timed out" in results[0].text
     assert elapsed < 3
+
+
+class SlowSmtp:
+    """A minimal SMTP server offering PIPELINING whose every reply line comes ``delay`` seconds
+    after the one before; it can stay silent, and greet with a reply of many lines."""
+
+    def __init__(self, delay: float, *, greeting_lines: int = 1) -> None:
+        self.delay = delay
+        self.greeting_lines = greeting_lines
+        self.silent = False
+        self.messages = 0
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> SlowSmtp:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def say(*lines: str) -> None:
+            for line in lines:
+                await asyncio.sleep(self.delay)
+                if not self.silent:
+                    writer.write(line.encode() + b"\r\n")
+
+        await say(*["220-slow.test"] * (self.greeting_lines - 1), "220 slow.test ESMTP")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                await say("250-slow.test", "250 PIPELINING")
+            elif verb == b"DATA":
+                await say("354 go on")
+                while await reader.readline() not in (b".\r\n", b""):
+                    pass
+                self.messages += 1
+                await say("250 2.0.0 queued")
+            elif verb == b"QUIT":
+                await say("221 2.0.0 bye")
+                break
+            else:
+                await say("250 2.0.0 ok")
+        writer.close()
+
+
+def test_each_reply_has_its_own_deadline_on_a_long_lived_connection() -> None:
+    # Replies 0.15 s apart, a 0.5 s limit: the four replies to a message's pipelined commands
+    # take longer than that, three messages on one connection far longer, yet no single reply
+    # is late. Then the server falls silent, and the next message must still time out.
+    async def scenario() -> tuple[list[list[RecipientResult]], list[RecipientResult], float]:
+        async with (
+            SlowSmtp(0.15) as server,
+            relay_for(server.port, command_timeout_seconds=0.5) as relay,
+        ):
+            sent = [await relay.send("rep@corp.test", [f"s{n}@c.test"], MESSAGE) for n in range(3)]
+            assert server.messages == 3
+            server.silent = True
+            started = time.monotonic()
+            silent = await relay.send("rep@corp.test", ["quiet@c.test"], MESSAGE)
+            return sent, silent, time.monotonic() - started
+
+    sent, silent, elapsed = run(scenario())
+    assert [r[0].code for r in sent] == [250, 250, 250]
+    assert silent[0].code == 0 and "timed out" in silent[0].text
+    assert 0.5 <= elapsed < 3
+
+
+def test_a_reply_dripping_line_by_line_is_bounded_as_a_whole() -> None:
+    # Ten greeting lines 0.2 s apart: each arrives in time, the reply as a whole does not.
+    async def scenario() -> tuple[list[RecipientResult], float]:
+        async with SlowSmtp(0.2, greeting_lines=10) as server:
+            started = time.monotonic()
+            async with relay_for(server.port, command_timeout_seconds=0.5) as relay:
+                results = await relay.send("rep@corp.test", ["a@c.test"], MESSAGE)
+            return results, time.monotonic() - started
+
+    results, elapsed = run(scenario())
+    assert results[0].code == 0 and "timed out" in results[0].text
+    assert elapsed < 1.5
+
+
+def test_a_reply_stalling_after_a_line_that_came_at_its_deadline_still_times_out() -> None:
+    # The greeting's first line arrives in time but is read only after the deadline, because
+    # the event loop was busy; the reply then stalls. Its next wait must be bounded all the same.
+    # The server is a thread, so that it is not blocked along with the loop.
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    stop = threading.Event()
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            time.sleep(0.2)
+            connection.sendall(b"220-slow.test first line of two\r\n")
+            stop.wait(10)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+
+    async def scenario() -> list[RecipientResult]:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.1, time.sleep, 0.8)  # busy past the 0.5 s deadline
+        async with asyncio.timeout(5):
+            async with relay_for(listener.getsockname()[1], command_timeout_seconds=0.5) as relay:
+                return await relay.send("rep@corp.test", ["a@c.test"], MESSAGE)
+
+    try:
+        results = run(scenario())
+    finally:
+        stop.set()
+        server.join()
+        listener.close()
+    assert results[0].code == 0 and "timed out" in results[0].text
 
 
 def test_control_characters_in_an_address_are_a_programming_error(
