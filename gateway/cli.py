@@ -362,6 +362,10 @@ def _link_crm_to_gateway(crm_path: Path, settings: Settings, token: str) -> None
 
 # Set in the environment of the extra processes `serve` starts for `server.processes > 1`.
 _SHARED_PORTS = "MAILGATE_SHARED_PORTS"
+# Also set there: the process's stdin is a pipe from the supervisor, which never writes to it.
+# End of file on it means the supervisor is gone, however it went (SIGKILL, the OOM killer),
+# and the process stops instead of serving on as an orphan beside the supervisor's successor.
+_SUPERVISED = "MAILGATE_SUPERVISED"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -379,6 +383,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if os.environ.get(_SUPERVISED) == "1":
+            _stop_with_supervisor(loop, stop)
         await app.start()
         # Only now (schema migrated, ports bound) may the other processes start beside us.
         supervisor = asyncio.create_task(_supervise(args, extra_processes, stop))
@@ -397,6 +403,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_with_supervisor(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """Set ``stop`` when stdin, the supervisor's pipe, reaches end of file (see _SUPERVISED)."""
+
+    def readable() -> None:
+        try:
+            data = os.read(0, 512)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(0)
+            logging.getLogger(__name__).warning("the supervising process is gone; stopping")
+            stop.set()
+
+    os.set_blocking(0, False)
+    loop.add_reader(0, readable)
+
+
 async def _supervise(args: argparse.Namespace, count: int, stop: asyncio.Event) -> None:
     """Run ``count`` more gateway processes (SMTP doors, worker, dispatcher; no admin API or
     CRM, which this process serves) until ``stop``; one that dies is started again."""
@@ -408,6 +433,7 @@ async def _supervise(args: argparse.Namespace, count: int, stop: asyncio.Event) 
     env = {
         **os.environ,
         _SHARED_PORTS: "1",
+        _SUPERVISED: "1",
         "MAILGATE_SERVER__PROCESSES": "1",
         "MAILGATE_API__ENABLED": "false",
         "MAILGATE_CRM__EMBEDDED": "false",
@@ -417,7 +443,7 @@ async def _supervise(args: argparse.Namespace, count: int, stop: asyncio.Event) 
     async def keep_running(index: int) -> None:
         while not stop.is_set():
             child = await asyncio.create_subprocess_exec(
-                *argv, "serve", env=env, stdin=asyncio.subprocess.DEVNULL
+                *argv, "serve", env=env, stdin=asyncio.subprocess.PIPE
             )
             log.info("gateway process %d started (pid %d)", index, child.pid)
             stopping = asyncio.create_task(stop.wait())
@@ -425,6 +451,8 @@ async def _supervise(args: argparse.Namespace, count: int, stop: asyncio.Event) 
             await asyncio.wait({stopping, exited}, return_when=asyncio.FIRST_COMPLETED)
             if exited.done():
                 stopping.cancel()
+                assert child.stdin is not None
+                child.stdin.close()  # its end of the pipe (see _SUPERVISED), not kept per restart
                 if not stop.is_set():
                     log.error(
                         "gateway process %d exited (%s); starting it again", index, child.returncode

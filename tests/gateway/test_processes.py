@@ -82,3 +82,36 @@ def test_processes_share_the_port_are_restarted_and_stop_together(
             parent.wait(timeout=10)
         for pid in children(parent.pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_processes_stop_when_their_supervisor_is_killed(tmp_path: Path, ca: Any, sink: Any) -> None:
+    """SIGKILL (or the OOM killer) gives the supervisor no chance to stop the others: they see
+    their pipe from it close and stop themselves instead of serving on as orphans."""
+    port = free_port()
+    config = write_config(tmp_path, ca, sink.port, port)
+    config.write_text(config.read_text().replace("[server]\n", "[server]\nprocesses = 2\n"))
+    log = tmp_path / "gateway.log"
+    parent = start_gateway_process(config, port, log)
+    orphans: set[int] = set()
+    try:
+        orphans = poll(lambda: children(parent.pid), timeout=30, what="the second process")
+        parent.kill()
+        parent.wait(timeout=10)
+        poll(
+            lambda: (
+                not any(
+                    Path(f"/proc/{pid}").exists()
+                    and " Z " not in Path(f"/proc/{pid}/stat").read_text()
+                    for pid in orphans
+                )
+            ),
+            timeout=30,
+            what="the orphaned process to stop",
+        )
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(timeout=10)
+        for pid in orphans:
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGKILL)
