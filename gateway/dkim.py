@@ -8,12 +8,15 @@ to put in front of the message, so a large message is never copied.
 
 dkimpy 1.1.8 is the reference: the field made here is byte for byte the one its ``dkim.sign``
 makes for the same key, header list and time (the tests compare the two over many messages, and
-:func:`_self_check` has dkimpy verify a signature whenever a signer is built). Its signer is not
-on the path, though: around the key operation it spent about 180 µs of Python per message, of a
+:func:`_self_check` has dkimpy verify a signature whenever a signer is built), except where
+dkimpy's is broken: its ``fold`` cuts a d=, i=, s= or h= value longer than a line in two, and
+with some RSA key sizes ends the field with a bare CR and LF; :func:`_fold_tags` and
+:func:`_fold_b` fold as it does but only where RFC 6376 allows it. Its signer is not on the
+path, though: around the key operation it spent about 180 µs of Python per message, of a
 gateway budget of about 1.9 ms, canonicalising every header field rather than the signed ones
 (two ``re.sub`` each), running a slow regex over its own field twice, and parsing a key (even
 one it does not use) in pure Python. :func:`_sign` takes the same steps in the same order with
-dkimpy's helpers (``fold`` and the canonicalisation functions), skips each one that would change
+dkimpy's canonicalisation functions and a copy of its folding, skips each one that would change
 nothing, and does the key operation natively: RSA in OpenSSL through ``cryptography``, ed25519
 in libsodium through PyNaCl (faster here than ``cryptography``'s). The body is canonicalised and
 hashed a chunk at a time, so memory stays flat whatever the size (dkimpy needed 40 times a big
@@ -64,6 +67,11 @@ _TXT_CHUNK = 255
 # nothing like "../" can reach the file system (RFC 6376 §3.1 selector syntax; RFC 1123 labels).
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _NAME = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
+# RFC 1035 §2.3.4: a DNS name has at most 255 octets on the wire, 253 characters written out.
+# The key record's name <selector>._domainkey.<domain> must fit too, so d= and s= have at most
+# 240 characters, and the longest line a signature gives them ("  i=@", d= and ";") stays far
+# below the 998 of RFC 5322 §2.1.1.
+_MAX_DNS_NAME = 253
 
 # RSASSA-PKCS1-v1_5 (RFC 8017 §8.2) over a SHA-256 digest already computed: Prehashed stops
 # OpenSSL hashing it again. Both objects are immutable, so one pair serves every signature.
@@ -91,7 +99,7 @@ def normalise_domain(domain: str) -> str:
             name = name.encode("idna").decode("ascii")
         except UnicodeError:
             return ""
-    return name if len(name) <= 253 and _NAME.match(name) else ""
+    return name if len(name) <= _MAX_DNS_NAME and _NAME.match(name) else ""
 
 
 @dataclass(frozen=True)
@@ -253,6 +261,9 @@ def generate_key(
     sel = selector.strip().lower()
     if not _NAME.match(sel):
         raise ValueError(f"{selector!r} is not a valid selector (letters, digits, hyphens, dots)")
+    too_long = _record_name_too_long(name, sel)
+    if too_long:
+        raise ValueError(f"{too_long}; pick a shorter selector")
     if algorithm not in _SUFFIX:
         raise ValueError(f"{algorithm!r} is not one of {', '.join(_SUFFIX)}")
     private_key: PrivateKey
@@ -352,9 +363,31 @@ def load_keys(key_dir: Path, *, selector: str | None = None) -> KeyRing:
                     "publishes one key; remove the one that is not in DNS"
                 )
             selectors[sel] = path
+            too_long = _record_name_too_long(domain, sel)
+            if too_long:
+                raise ConfigError(
+                    f"{path}: {too_long}; generate a key with a shorter selector, publish it, "
+                    "and remove this one"
+                )
             if wanted is None or sel == wanted:
                 keys.append(_read_key(path, domain, sel, _ALGORITHM[match["kind"]]))
     return KeyRing(keys)
+
+
+def _record_name_too_long(domain: str, selector: str) -> str:
+    """Why no receiver could look up the key for ``selector`` of ``domain``, or ``""``.
+
+    The record name ``<selector>._domainkey.<domain>`` must be a DNS name of at most 253
+    characters (RFC 1035 §2.3.4), which :data:`_NAME` alone does not limit. Within it, d= and
+    s= are at most 240 characters, so every line of the signature stays under RFC 5322's 998.
+    """
+    record_name = f"{selector}._domainkey.{domain}"
+    if len(record_name) <= _MAX_DNS_NAME:
+        return ""
+    return (
+        f"the key's DNS name {record_name} has {len(record_name)} characters, more than the "
+        f"{_MAX_DNS_NAME} a DNS name can have (RFC 1035 §2.3.4), so no receiver could look it up"
+    )
 
 
 def _read_key(path: Path, domain: str, selector: str, algorithm: Algorithm) -> DkimKey:
@@ -415,6 +448,15 @@ _FIELD_LINE = re.compile(rb"([\x21-\x7e]+?):([^\r\n]*)\r?\n")
 # that adding the real value does not refold the tags before it.
 _PLACEHOLDER = b"0" * 60
 _SIGNATURE_FIELD = b"DKIM-Signature"
+# dkimpy's fold() makes lines of at most 72 characters: the first one shares them with the field
+# name (its ``namelen``) and the ": " after it, the others start with the space that folds them.
+_FIRST_WIDTH = 72 - len(_SIGNATURE_FIELD)
+_WIDTH = 71
+# RFC 5322 §2.1.1: a line MUST NOT be longer than 998 characters, CRLF excluded.
+_MAX_LINE = 998
+# The longest header name that can be signed. Its line in the signature is at most "  h=" and the
+# name (a name is never last in h=, From is): two spaces when the line before fitted exactly.
+_MAX_NAME_LENGTH = _MAX_LINE - len("  h=")
 
 
 def _malformed(detail: str) -> UnsignableMessage:
@@ -568,13 +610,14 @@ def _signature(
 ) -> bytes:
     """The DKIM-Signature header field, CRLF-terminated, as dkimpy 1.1.8's ``DKIM.sign`` makes it.
 
-    Same tags in the same order, folded by dkimpy's ``fold`` twice as there: first with the
-    placeholder in b=, which is what gets hashed (RFC 6376 §3.7: the field as sent, with the
-    b= value empty), then with the signature. ``fold`` breaks lines at spaces (or inside a
-    token longer than a line), and the placeholder is one 62-character token after a space,
-    so it always ends the folded field whole: cutting it off leaves what dkimpy's b=-removing
-    regex (``RE_BTAG``, about 9 µs per use, and dkimpy used it twice) leaves, given that no
-    configured header name holds an ``=`` (DkimSigner refuses those).
+    Same tags in the same order, folded twice as there: first with the placeholder in b=, which
+    is what gets hashed (RFC 6376 §3.7: the field as sent, with the b= value empty), then with
+    the signature. The placeholder is one 62-character token after the 48 of bh=, so it always
+    has a line of its own (see :func:`_fold_tags`): cutting it off leaves what dkimpy's
+    b=-removing regex (``RE_BTAG``, about 9 µs per use, and dkimpy used it twice) leaves, given
+    that no configured header name holds an ``=`` (DkimSigner refuses those), and the signed
+    field is that same text with the signature's lines (:func:`_fold_b`) in place of the
+    placeholder's, which is what dkimpy's second fold gives.
     """
     domain = key.domain.encode("ascii")
     tags = b"; ".join(
@@ -591,16 +634,78 @@ def _signature(
             b"bh=" + body_hash,
         )
     )
-    name_length = len(_SIGNATURE_FIELD)
-    folded: bytes = dkim.fold(tags + b"; b=" + _PLACEHOLDER, namelen=name_length)
+    folded = _fold_tags(tags + b"; b=" + _PLACEHOLDER)
     unsigned = folded[: -len(_PLACEHOLDER)]
     # The field itself is hashed last, relaxed, without its CRLF (§3.7); unfolding it is
-    # removing fold's CRLFs, the only ones in it.
+    # removing the fold's CRLFs, the only ones in it.
     own = _relaxed_value(b" " + unsigned.replace(b"\r\n", b""))
     digest = hashlib.sha256(signed_fields + b"dkim-signature:" + own).digest()
-    value = tags + b"; b=" + base64.b64encode(key._sign_digest(digest)) + b"\r\n"
-    folded = dkim.fold(value, namelen=name_length, linesep=b"\r\n")
-    return _SIGNATURE_FIELD + b": " + folded
+    signature = base64.b64encode(key._sign_digest(digest))
+    return _SIGNATURE_FIELD + b": " + unsigned[:-2] + _fold_b(b"b=" + signature)
+
+
+def _fold_tags(tag_list: bytes) -> bytes:
+    """``tag_list`` folded as dkimpy 1.1.8's ``fold`` folds it, but never inside a tag value.
+
+    fold() breaks a line at its last space, and where a line has none it cuts the text at the
+    line's width, wherever that falls. Inside a d=, i=, s= or h= value that inserts a CRLF and
+    a space, which no verifier removes: RFC 6376 §3.2 allows folding white space only around
+    ``=`` and ``;`` (and §3.5 inside the base64 of b= and bh=, and around the colons of h=).
+    So a domain of more than 68 characters broke d= and i=, a selector of about 70 broke s=,
+    and a header name longer than a line broke h=: mail that failed DKIM at every receiver.
+    Here a line has the same width and breaks at the same spaces, and a cut happens only where
+    fold() would cut at a place the grammar allows (before a space or a ``;``: there its
+    output is valid, and so is kept byte for byte); anywhere else the value runs on to the next
+    space, making a longer line, which RFC 5322 allows up to 998 characters (the names' limits
+    keep every line well under that). A line holding nothing but a space, which fold() leaves
+    after an exact fit followed by a long value, is not made either (obsolete syntax, RFC 5322
+    §4.2). Only the tags are folded here: b= is :func:`_fold_b`'s.
+    """
+    lines: list[bytes] = []
+    rest = tag_list
+    width = _FIRST_WIDTH
+    while len(rest) > width:
+        # From 1: a space at 0 (left by an exact fit) would give an empty line.
+        space = rest.rfind(b" ", 1, width)
+        if space != -1:
+            lines.append(rest[:space])
+            rest = rest[space + 1 :]
+        elif rest[width] in b" ;":
+            # fold()'s cut at the width falls before a space or a ";", where RFC 6376 allows
+            # folding: keep it, with the double space that follows it.
+            lines.append(rest[:width])
+            rest = rest[width:]
+        else:
+            # A value longer than the line: it runs on to the end of its token.
+            space = rest.find(b" ", width)
+            if space == -1:
+                break
+            lines.append(rest[:space])
+            rest = rest[space + 1 :]
+        width = _WIDTH
+    lines.append(rest)
+    return b"\r\n ".join(lines)
+
+
+def _fold_b(tag: bytes) -> bytes:
+    """The ``b=`` tag at the start of a line, folded as dkimpy's fold does, then CRLF.
+
+    fold() cuts base64 anywhere, which RFC 6376 §3.5 allows inside b=, every 71 characters,
+    counting the CRLF at the end of the field as two of them. When the CRLF is what reaches
+    past a cut, fold() cuts before it or even inside it, ending the field with a line of only
+    a space, or with a bare CR and a bare LF: the length of b= decides it, so the key size
+    does (RSA keys of 2089 to 2112 bits or 2521 to 2544, and bands like them every 1,704
+    bits up; never 1024, 2048, 3072 or 4096, nor ed25519). Those cuts are left out here: the
+    last line then takes the one or two characters more.
+    """
+    lines: list[bytes] = []
+    start = 0
+    end = len(tag)
+    while end + 2 - start > _WIDTH and start + _WIDTH < end:
+        lines.append(tag[start : start + _WIDTH])
+        start += _WIDTH
+    lines.append(tag[start:])
+    return b"\r\n ".join(lines) + b"\r\n"
 
 
 # A header field name (RFC 5322 §3.6.8: printable ASCII but ":") that can sit in the h= tag:
@@ -630,6 +735,12 @@ class DkimSigner:
                 raise ConfigError(
                     f"dkim.headers: `{name}` is not a header field name that can be signed "
                     "(printable ASCII without spaces, `:`, `;` or `=`); fix the list"
+                )
+            if len(name) > _MAX_NAME_LENGTH:
+                raise ConfigError(
+                    f"dkim.headers: `{name[:40]}…` has {len(name)} characters; a signed header "
+                    f"name can have at most {_MAX_NAME_LENGTH}, or the line of the signature "
+                    f"that lists it would pass the {_MAX_LINE} of RFC 5322 §2.1.1; fix the list"
                 )
             if name and name not in names:
                 names.append(name)
@@ -706,19 +817,41 @@ _PROBE = (
 
 
 def _self_check(key: DkimKey) -> None:
-    """Sign :data:`_PROBE` as :meth:`DkimSigner.sign` does and have dkimpy verify it, or raise."""
+    """Sign :data:`_PROBE` as :meth:`DkimSigner.sign` does and have dkimpy verify it, or raise.
+
+    The lookup answers only at the key's own record name, as DNS would: a signature whose d= or
+    s= came out wrong (a value cut by folding, say) fails here rather than at the receivers.
+    """
     header = _sign(_PROBE, [key], (b"from", b"to", b"subject"))
     record = key.record_value.encode("ascii")
+    record_name = key.record_name.encode("ascii")
 
-    def dns(name: bytes, timeout: float = 5) -> bytes:
-        return record
+    def dns(name: bytes, timeout: float = 5) -> bytes | None:
+        return record if name == record_name else None
 
-    if not dkim.verify(header + _PROBE, dnsfunc=dns):
-        raise RuntimeError(
-            f"gateway/dkim.py: dkimpy {_dkimpy_version()} does not verify the signatures made "
-            f"here ({key.algorithm}); install dkimpy 1.1.8, or find what changed and update "
-            "_signature"
+    try:
+        verified = dkim.DKIM(header + _PROBE).verify(dnsfunc=dns)
+        reason = "the signature does not match"
+    except dkim.DKIMException as exc:
+        verified, reason = False, str(exc) or type(exc).__name__
+    if not verified:
+        version = _dkimpy_version()
+        # The signer reproduces 1.1.8; with that version installed the fault can only be ours.
+        suspect = (
+            "a bug in gateway/dkim.py's signer; please report it with this message"
+            if version == _REFERENCE_DKIMPY
+            else f"a bug in gateway/dkim.py's signer, or dkimpy {version}, which is not the "
+            f"{_REFERENCE_DKIMPY} the signer was written against: try {_REFERENCE_DKIMPY}"
         )
+        raise RuntimeError(
+            f"gateway/dkim.py: a signature made with the {key.algorithm} key for "
+            f"{key.record_name} does not verify ({reason}); mail signed with it would fail "
+            f"DKIM at the receivers, so no signer is built. The cause is {suspect}"
+        )
+
+
+# The dkimpy whose signatures _sign reproduces byte for byte (the tests compare the two).
+_REFERENCE_DKIMPY = "1.1.8"
 
 
 def _dkimpy_version() -> str:

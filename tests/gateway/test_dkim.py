@@ -8,6 +8,7 @@ exactly as a receiving MTA would.
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import itertools
 import os
@@ -25,6 +26,7 @@ import dkim.util
 import dns.resolver
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from dkim.canonicalization import Relaxed
 
 from gateway import dkim as gateway_dkim
@@ -128,8 +130,8 @@ def tags(header: bytes) -> dict[bytes, bytes]:
 
 
 def signed_names(header: bytes) -> list[bytes]:
-    # Unfolded first: fold() may have cut a long name with CRLF and a space.
-    return [h.strip() for h in tags(header)[b"h"].replace(b"\r\n ", b"").split(b":")]
+    """The h= names of one DKIM-Signature field (folded, if at all, around the colons)."""
+    return [h.strip() for h in tags(header)[b"h"].split(b":")]
 
 
 def dkimpy_fields(fields: list[list[bytes]]) -> list[list[bytes]]:
@@ -432,54 +434,188 @@ def test_signatures_of_awkward_messages_are_byte_identical_to_dkimpys(
         assert dkim.verify(ours + message, dnsfunc=record_of(key)), key
 
 
-LONG_DOMAIN = ".".join(["a" * 63, "b" * 63, "example"])
-LONG_SELECTOR = "s" * 63 + ".x" + "y" * 20
-LONG_NAME = "x-" + "n" * 80
+def _name_of_length(length: int, letters: str = "abcd") -> str:
+    """A DNS name of exactly ``length`` characters, in labels of at most 63 (RFC 1035 §2.3.4)."""
+    labels: list[str] = []
+    left = length
+    for letter in itertools.cycle(letters):
+        size = min(63, left)
+        if left - size == 1:  # no room for a dot and a label after this one
+            size -= 1
+        labels.append(letter * size)
+        left -= size
+        if not left:
+            break
+        left -= 1  # the dot
+    name = ".".join(labels)
+    assert len(name) == length and gateway_dkim._NAME.match(name), name
+    return name
 
 
-def test_tags_longer_than_a_line_are_folded_as_dkimpy_folds_them(
-    tmp_path: Path, fixed_time: None, monkeypatch: pytest.MonkeyPatch
+# The longest names a key can have: its record name <selector>._domainkey.<domain> may have 253
+# characters (RFC 1035 §2.3.4), so the domain beside selector "e" has 240, in labels of 63.
+LONG_DOMAIN = _name_of_length(253 - len("e._domainkey."))
+LONG_SELECTOR = _name_of_length(253 - len("._domainkey.example.test"), "stuv")
+LONG_NAME = "x-" + "n" * 150
+LONG_NAMES = {
+    "long domain": (LONG_DOMAIN, "e", []),
+    "long selector": ("example.test", LONG_SELECTOR, []),
+    "long header name": ("example.test", "s", [LONG_NAME]),
+}
+
+
+def field_lines(header: bytes) -> list[bytes]:
+    """The lines of one CRLF-terminated header field, without their CRLF."""
+    assert header.endswith(b"\r\n")
+    return header[:-2].split(b"\r\n")
+
+
+def assert_well_formed(header: bytes, key: DkimKey, names: list[bytes]) -> None:
+    """One DKIM-Signature field folded only where RFC 6376 §3.2 allows: once unfolded (CRLFs
+    removed, RFC 5322 §3.2.2), d=, i=, s= and each h= name are exactly what was signed for; no
+    line is empty, white space only, or longer than 998 (RFC 5322 §2.1.1); no bare CR or LF."""
+    lines = field_lines(header)
+    assert all(line.strip() for line in lines), header
+    assert all(b"\r" not in line and b"\n" not in line for line in lines), header
+    assert max(len(line) for line in lines) <= 998
+    name, _, value = header.partition(b":")
+    assert name == b"DKIM-Signature"
+    parsed = dkim.util.parse_tag_value(value.replace(b"\r\n", b""))
+    assert parsed[b"d"] == key.domain.encode()
+    assert parsed[b"i"] == b"@" + key.domain.encode()
+    assert parsed[b"s"] == key.selector.encode()
+    assert [h.strip() for h in parsed[b"h"].split(b":")] == names
+
+
+@pytest.mark.parametrize("case", LONG_NAMES, ids=list(LONG_NAMES))
+@pytest.mark.parametrize("algorithm", ["rsa-sha256", "ed25519-sha256"])
+def test_a_domain_selector_or_header_name_longer_than_a_line_verifies(
+    tmp_path: Path, case: str, algorithm: str
 ) -> None:
-    """fold() cuts a token that does not fit on a line; the b= placeholder still ends the field
-    whole, so cutting it off is still what dkimpy's regex leaves."""
-    monkeypatch.setattr(gateway_dkim, "_self_check", lambda key: None)  # see the xfail below
-    keys = [
-        generate_key(tmp_path, LONG_DOMAIN, selector="e", algorithm="ed25519-sha256"),
-        generate_key(tmp_path, "example.test", selector=LONG_SELECTOR),
-    ]
-    message = f"{LONG_NAME}: x\r\n".encode() + MESSAGE
-    for key in keys:
-        signer = DkimSigner(KeyRing([key]), [*HEADERS, LONG_NAME])
+    """dkimpy's fold() cuts a tag value longer than a line with CRLF and a space, which
+    verifiers keep (RFC 6376 §3.2 allows folding only around = and ;, and inside b=, bh= and
+    around h='s colons): its own signatures of these fail. Ours fold only there, making a
+    longer line instead, and verify, looked up at exactly the key's record name."""
+    domain, selector, extra = LONG_NAMES[case]
+    key = generate_key(tmp_path, domain, selector=selector, algorithm=algorithm)  # type: ignore[arg-type]
+    if case != "long header name":
+        assert len(key.record_name.rstrip(".")) == 253
+    message = MESSAGE.replace(b"example.test", domain.encode())
+    message = b"".join(f"{name}: one\r\n".encode() for name in extra) + message
 
-        ours = signer.sign(message, domain=key.domain)
+    header = DkimSigner(KeyRing([key]), [*HEADERS, *extra]).sign(message, domain=domain)
 
-        # fold() did cut inside the long name and the long domain or selector:
-        assert LONG_NAME.encode() not in ours
-        assert key.domain.encode() not in ours or key.selector.encode() not in ours
-        assert ours == stock_sign(message, key, signed_names(ours))
+    names = signed_names(header)
+    assert_well_formed(header, key, names)
+    assert all(name.encode() in names for name in extra)
+    assert dkim.verify(header + message, dnsfunc=record_of(key))
+    stock = stock_sign(message, key, names)
+    assert not dkim.verify(stock + message, dnsfunc=record_of(key))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dkimpy's fold() cuts a d=, i= or s= value longer than a line; we fold as it does",
-)
-@pytest.mark.parametrize(
-    ("domain", "selector"),
-    [(LONG_DOMAIN, "e"), ("example.test", LONG_SELECTOR)],
-    ids=["long domain", "long selector"],
-)
-def test_a_domain_or_selector_longer_than_a_line_verifies(
-    tmp_path: Path, domain: str, selector: str
+@pytest.mark.parametrize("case", ["long domain", "long selector"])
+def test_longest_names_verify_through_real_dns(
+    tmp_path: Path, zone: str, publish: Publish, dnsfunc: DnsFunc, case: str
 ) -> None:
-    """Known limitation, kept for byte-identity with dkimpy: its fold() cuts a tag value that
-    does not fit on a line (a domain of more than 68 characters in d= and i=, a selector of
-    about 70 in s=) with CRLF and a space, which verifiers keep (RFC 6376 §3.2). With such a
-    domain the signer's self-check fails at start-up; such a selector signs mail that fails."""
+    """The record at a 253-character name survives a real zone and server too."""
+    if case == "long domain":
+        domain = f"{_name_of_length(253 - len('e._domainkey.') - len(zone) - 1)}.{zone}"
+        selector = "e"
+    else:
+        domain = zone
+        selector = _name_of_length(253 - len("._domainkey.") - len(zone), "stuv")
     key = generate_key(tmp_path, domain, selector=selector, algorithm="ed25519-sha256")
+    publish(key)
+    message = MESSAGE.replace(b"example.test", domain.encode())
 
-    header = DkimSigner(KeyRing([key]), HEADERS).sign(MESSAGE, domain=domain)
+    header = DkimSigner(KeyRing([key]), HEADERS).sign(message, domain=domain)
 
-    assert dkim.verify(header + MESSAGE, dnsfunc=record_of(key))
+    assert len(key.record_name.rstrip(".")) == 253
+    assert verifies(header + message, dnsfunc)
+
+
+def test_folding_is_dkimpys_wherever_dkimpys_is_valid(fixed_time: None) -> None:
+    """Domains, selectors and header names around a line's length, where fold() starts to cut
+    them: wherever dkimpy's field is well formed, ours is byte for byte the same (this takes in
+    fold()'s exact fits, which leave two spaces or a lone ";" at a line's start); wherever it is
+    not, ours is still well formed and verifies."""
+    private_key = ed25519.Ed25519PrivateKey.generate()
+    cases = [(_name_of_length(n), "e", None) for n in range(50, 80)]
+    cases += [("example.test", _name_of_length(n, "st"), None) for n in range(55, 85)]
+    cases += [("example.test", "s", "x-" + "n" * (n - 2)) for n in range(55, 85)]
+    outcomes: collections.Counter[str] = collections.Counter()
+    for domain, selector, extra in cases:
+        key = DkimKey(domain, selector, "ed25519-sha256", private_key)
+        names = [*HEADERS, extra] if extra else HEADERS
+        message = MESSAGE.replace(b"example.test", domain.encode())
+        if extra:
+            message = f"{extra}: one\r\n".encode() + message
+
+        ours = DkimSigner(KeyRing([key]), names).sign(message, domain=domain)
+
+        signed = signed_names(ours)
+        assert_well_formed(ours, key, signed)
+        assert dkim.verify(ours + message, dnsfunc=record_of(key)), ours
+        stock = stock_sign(message, key, signed)
+        try:
+            assert_well_formed(stock, key, signed)
+        except AssertionError:
+            assert ours != stock
+            outcomes["dkimpy's broken"] += 1
+        else:
+            assert ours == stock
+            outcomes["same"] += 1
+            outcomes["exact fit"] += b"\r\n  " in ours or b"\r\n ;" in ours
+    assert outcomes["dkimpy's broken"] and outcomes["same"] and outcomes["exact fit"], outcomes
+
+
+@pytest.mark.parametrize("bits", [2096, 2530])
+def test_rsa_key_sizes_dkimpy_ends_the_field_badly_with_give_a_clean_end(
+    tmp_path: Path, fixed_time: None, bits: int
+) -> None:
+    """With these key sizes the b= value ends one or two characters past a line's width, and
+    fold(), counting the field's CRLF as part of it, cuts before or inside that CRLF: a line of
+    a lone space, or a bare CR and LF on the wire. Ours gives the last line those characters."""
+    key = generate_key(tmp_path, "example.test", selector="odd", bits=bits)
+
+    ours = DkimSigner(KeyRing([key]), HEADERS).sign(MESSAGE, domain="example.test")
+
+    assert_well_formed(ours, key, signed_names(ours))
+    assert dkim.verify(ours + MESSAGE, dnsfunc=record_of(key))
+    stock = stock_sign(MESSAGE, key, signed_names(ours))
+    bad_end = {2096: b"\r\r\n \n", 2530: b"\r\n \r\n"}[bits]
+    assert stock.endswith(bad_end)
+    assert ours == stock[: -len(bad_end)] + b"\r\n"
+
+
+def test_header_names_up_to_the_line_limit_can_be_signed(tmp_path: Path) -> None:
+    """A header name of 994 characters gives signature lines of at most 998 (RFC 5322 §2.1.1):
+    "  h=" and the name, should an exact fit put two spaces before it; longer ones are refused."""
+    key = generate_key(tmp_path, "example.test", selector="s", algorithm="ed25519-sha256")
+    longest = "x-" + "n" * 992
+    message = f"{longest}: x\r\n".encode() + MESSAGE
+
+    header = DkimSigner(KeyRing([key]), [*HEADERS, longest]).sign(message, domain="example.test")
+
+    assert_well_formed(header, key, signed_names(header))
+    assert dkim.verify(header + message, dnsfunc=record_of(key))
+    with pytest.raises(ConfigError, match=r"dkim\.headers: `x-n+…` has 995 characters; .* 994"):
+        DkimSigner(KeyRing([key]), [*HEADERS, longest + "n"])
+
+
+def test_keygen_refuses_a_record_name_longer_than_dns_allows(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"has 254 characters, more than the 253 a DNS name"):
+        generate_key(tmp_path, LONG_DOMAIN, selector="e2", algorithm="ed25519-sha256")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_key_file_whose_record_name_is_too_long_is_a_config_error(tmp_path: Path) -> None:
+    generate_key(tmp_path, LONG_DOMAIN, selector="e", algorithm="ed25519-sha256")
+    directory = tmp_path / LONG_DOMAIN
+    (directory / "e.ed25519.pem").rename(directory / "e2.ed25519.pem")
+
+    with pytest.raises(ConfigError, match=r"e2\.ed25519\.pem: the key's DNS name .* 254 char"):
+        load_keys(tmp_path)
 
 
 def test_header_parse_matches_dkimpys_on_random_header_sections() -> None:
@@ -753,15 +889,49 @@ def test_signing_is_thread_safe(
 def test_signatures_dkimpy_rejects_are_caught_when_the_signer_is_built(
     rsa_key: DkimKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """If a dkimpy upgrade (or a bug) made our signatures fail its verifier, fail loudly."""
+    """If a bug here (or a dkimpy upgrade) made our signatures fail its verifier, fail loudly;
+    with the dkimpy the signer reproduces installed, the message blames the signer alone."""
 
     def wrong(self: DkimKey, digest: bytes) -> bytes:
         return b"\x00" * 256
 
     monkeypatch.setattr(DkimKey, "_sign_digest", wrong)
 
-    with pytest.raises(RuntimeError, match=r"does not verify the signatures made here \(rsa-sha"):
+    with pytest.raises(RuntimeError) as caught:
         DkimSigner(KeyRing([rsa_key]), HEADERS)
+
+    message = str(caught.value)
+    assert f"the rsa-sha256 key for {rsa_key.record_name} does not verify" in message
+    assert message.endswith("a bug in gateway/dkim.py's signer; please report it with this message")
+
+
+def test_self_check_suspects_another_dkimpy_version_too(
+    rsa_key: DkimKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(DkimKey, "_sign_digest", lambda self, digest: b"\x00" * 256)
+    monkeypatch.setattr(gateway_dkim, "_dkimpy_version", lambda: "9.9")
+
+    with pytest.raises(RuntimeError, match=r"signer, or dkimpy 9\.9, which is not the 1\.1\.8"):
+        DkimSigner(KeyRing([rsa_key]), HEADERS)
+
+
+@pytest.mark.parametrize(("domain", "selector"), [(LONG_DOMAIN, "e"), ("x.test", LONG_SELECTOR)])
+def test_self_check_looks_the_key_up_at_its_own_name_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, domain: str, selector: str
+) -> None:
+    """Folded as dkimpy's fold() does, a long d= or s= is cut and names another record: the
+    self-check's lookup, which answers at the key's record name only, fails the signer at
+    start-up (it used to answer at any name, so a cut selector passed)."""
+
+    def dkimpys_fold(tag_list: bytes) -> bytes:
+        folded: bytes = dkim.fold(tag_list, namelen=len("DKIM-Signature"))
+        return folded
+
+    key = generate_key(tmp_path, domain, selector=selector, algorithm="ed25519-sha256")
+    monkeypatch.setattr(gateway_dkim, "_fold_tags", dkimpys_fold)
+
+    with pytest.raises(RuntimeError, match=r"does not verify \(.+\); mail signed with it would"):
+        DkimSigner(KeyRing([key]), HEADERS)
 
 
 # --- key files ------------------------------------------------------------------------------------
