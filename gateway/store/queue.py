@@ -167,8 +167,8 @@ class _Ids:
     Unique without a random draw per message (``uuid4`` is an ``os.urandom`` system call: 2 µs
     alone, ~20 µs in a busy gateway process, where the event loop waits for the GIL after it):
     two processes differ in their 48 random bits, one process's ids in the counter, which
-    wraps only after 4 billion. Nothing relies on ids
-    being unguessable (every listing and link is behind a token or a signature).
+    wraps only after 4 billion. Nothing relies on ids being unguessable (every listing and link
+    is behind a token or a signature).
     """
 
     def __init__(self) -> None:
