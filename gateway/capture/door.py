@@ -35,7 +35,7 @@ from gateway.errors import StoreError
 from gateway.message import message_id, parse_headers
 from gateway.metrics import Metrics
 from gateway.settings import Settings
-from gateway.smtp.server import MailgateSMTP
+from gateway.smtp.server import MailgateSMTP, protocol_factory
 from gateway.store.models import Source
 from gateway.store.queue import NewMessage, Store
 
@@ -181,7 +181,9 @@ class CaptureHandler:
             meta=meta,
         )
         try:
-            stored_id = await asyncio.wait_for(self.store.accept(message), STORE_TIMEOUT)
+            # asyncio.timeout, not wait_for: no task of its own per message (Python 3.11).
+            async with asyncio.timeout(STORE_TIMEOUT):
+                stored_id = await self.store.accept(message)
         except (StoreError, TimeoutError) as exc:
             log.error("capture not accepted from %s: %s", peer, exc)
             return self._refuse(Verdict.STORE_UNAVAILABLE)
@@ -208,8 +210,8 @@ class CaptureListener:
         self.tls_context = tls_context
         self.servers: list[asyncio.Server] = []
 
-    def _factory(self) -> SMTP:
-        return MailgateSMTP(
+    def _factory(self) -> Callable[[], MailgateSMTP]:
+        return protocol_factory(
             self.handler,
             implicit_tls=False,
             plaintext_auth_on_loopback=False,
@@ -221,12 +223,11 @@ class CaptureListener:
             timeout=self.settings.timeout_seconds,
             auth_require_tls=True,
             auth_exclude_mechanism=["LOGIN", "PLAIN"],  # no AUTH here: nobody logs in
-            loop=asyncio.get_running_loop(),
         )
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(self._factory, self.settings.listen, self.settings.port)
+        server = await loop.create_server(self._factory(), self.settings.listen, self.settings.port)
         self.servers.append(server)
         log.info("capture SMTP listening on %s", [s.getsockname() for s in server.sockets])
 

@@ -56,13 +56,6 @@ class SubmissionHandler:
         self.trusted_networks = tuple(trusted_networks)
         self.on_accepted = on_accepted
 
-    def __dir__(self) -> list[str]:
-        # aiosmtpd looks up the handler's hooks and AUTH methods with dir() and
-        # inspect.getmembers() on every new connection; the latter reads every attribute of
-        # the instance, which was ~5% of the event loop's time with a connection per message.
-        # Those prefixes are the only names it looks for.
-        return _hook_names(type(self))
-
     def facts(self, server: SMTP, session: Session) -> SessionFacts:
         identity = session.auth_data if isinstance(session.auth_data, Identity) else None
         tls = session.ssl is not None or getattr(server, "implicit_tls", False)
@@ -179,16 +172,6 @@ class SubmissionHandler:
                 message="535 5.7.8 Authentication failed: wrong user or password",
             )
         return AuthResult(success=True, auth_data=identity)
-
-
-_HOOK_NAMES: dict[type, list[str]] = {}
-
-
-def _hook_names(cls: type) -> list[str]:
-    names = _HOOK_NAMES.get(cls)
-    if names is None:
-        names = _HOOK_NAMES[cls] = [n for n in dir(cls) if n.startswith(("handle_", "auth_"))]
-    return names
 
 
 async def _auth_value(server: SMTP, initial: str | None, challenge: str) -> bytes | None:

@@ -17,6 +17,7 @@ import logging
 import re
 import ssl
 import types
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, AnyStr
@@ -153,8 +154,8 @@ class MailgateSMTP(SMTP):
 
     def copy(self) -> MailgateSMTP:
         """A protocol for a new connection, set up exactly as ``__init__`` with this one's
-        arguments would, at a sixth of the cost (``SmtpListener`` keeps one unconnected
-        instance per port to copy).
+        arguments would, at a sixth of the cost (:func:`protocol_factory` keeps one unconnected
+        instance per listening socket to copy).
 
         aiosmtpd's ``__init__`` does per connection what is the same for every connection of a
         door: it validates its arguments, lists the instance's and the handler's methods with
@@ -186,13 +187,6 @@ class MailgateSMTP(SMTP):
         for name in bound:
             mine[name] = _rebind(self.__dict__[name], self, clone)
         return clone
-
-    def __dir__(self) -> list[str]:
-        # aiosmtpd's __init__ looks up the command and AUTH methods with dir() and
-        # inspect.getmembers() on every new connection, which reads all ~250 attributes of the
-        # instance (properties included): most of the cost of a connection's set-up. Those are
-        # the only names it looks for, and nothing else here lists attributes.
-        return _command_names(type(self))
 
     async def push(self, status: AnyStr) -> None:
         """Send one reply line; the lines of a multi-line reply go out together, in one write.
@@ -303,22 +297,27 @@ def _rebind(value: Any, old: object, new: object) -> Any:
     return value
 
 
-_COMMAND_NAMES: dict[type[SMTP], list[str]] = {}
-
-
-def _command_names(cls: type[SMTP]) -> list[str]:
-    names = _COMMAND_NAMES.get(cls)
-    if names is None:
-        names = _COMMAND_NAMES[cls] = [n for n in dir(cls) if n.startswith(("smtp_", "auth_"))]
-    return names
-
-
 def _is_loopback(transport: asyncio.BaseTransport) -> bool:
     peer = transport.get_extra_info("peername")
     try:
         return bool(peer) and ipaddress.ip_address(peer[0]).is_loopback
     except ValueError:
         return False
+
+
+def protocol_factory(handler: Any, **arguments: Any) -> Callable[[], MailgateSMTP]:
+    """The protocol factory for one listening socket: the first connection builds an instance
+    with ``MailgateSMTP(handler, **arguments)`` that is never connected, and every connection
+    gets a :meth:`MailgateSMTP.copy` of it."""
+    prototype: MailgateSMTP | None = None
+
+    def make() -> MailgateSMTP:
+        nonlocal prototype
+        if prototype is None:
+            prototype = MailgateSMTP(handler, loop=asyncio.get_running_loop(), **arguments)
+        return prototype.copy()
+
+    return make
 
 
 class SmtpListener:
@@ -337,16 +336,9 @@ class SmtpListener:
         self.hostname = hostname
         self.tls_context = tls_context
         self.servers: list[asyncio.Server] = []
-        self._prototypes: dict[bool, MailgateSMTP] = {}  # by implicit_tls; never connected
 
-    def _factory(self, *, implicit_tls: bool) -> SMTP:
-        prototype = self._prototypes.get(implicit_tls)
-        if prototype is None:
-            prototype = self._prototypes[implicit_tls] = self._new(implicit_tls=implicit_tls)
-        return prototype.copy()
-
-    def _new(self, *, implicit_tls: bool) -> MailgateSMTP:
-        return MailgateSMTP(
+    def _factory(self, *, implicit_tls: bool) -> Callable[[], MailgateSMTP]:
+        return protocol_factory(
             self.handler,
             implicit_tls=implicit_tls,
             plaintext_auth_on_loopback=self.settings.allow_plaintext_auth_on_loopback,
@@ -357,7 +349,6 @@ class SmtpListener:
             decode_data=False,
             timeout=self.settings.timeout_seconds,
             auth_require_tls=True,
-            loop=asyncio.get_running_loop(),
         )
 
     async def start(self, *, reuse_port: bool = False) -> None:
@@ -367,7 +358,7 @@ class SmtpListener:
         host = self.settings.listen
         self.servers.append(
             await loop.create_server(
-                lambda: self._factory(implicit_tls=False),
+                self._factory(implicit_tls=False),
                 host,
                 self.settings.port,
                 reuse_port=reuse_port,
@@ -376,7 +367,7 @@ class SmtpListener:
         if self.tls_context is not None and self.settings.tls_port:
             self.servers.append(
                 await loop.create_server(
-                    lambda: self._factory(implicit_tls=True),
+                    self._factory(implicit_tls=True),
                     host,
                     self.settings.tls_port,
                     ssl=self.tls_context,
