@@ -240,16 +240,17 @@ class ConnectionFactory:
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.keepalive_seconds = keepalive_seconds
-        self._verified = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        # The system's CAs plus ``ca_file``; also what OAuth token requests verify with.
+        self.verified = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
         if ca_file is not None:
-            self._verified.load_verify_locations(cafile=str(ca_file))
+            self.verified.load_verify_locations(cafile=str(ca_file))
         self._unverified = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
         self._unverified.check_hostname = False
         self._unverified.verify_mode = ssl.CERT_NONE
 
     def open(self, endpoint: Endpoint, password: str) -> ImapConnection:
         """Connect, secure, log in; raises an :class:`ImapError` with the reason in words."""
-        context = self._unverified if endpoint.allow_unverified_certificate else self._verified
+        context = self._unverified if endpoint.allow_unverified_certificate else self.verified
         where = f"{endpoint.host}:{endpoint.port}"
         try:
             client = IMAPClient(

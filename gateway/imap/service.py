@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import ssl
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -255,21 +254,18 @@ class ImapService:
             self._vault_error = exc  # unset: fine until an account needs a password
         self.authorizations = Authorizations()
         self._refreshing: dict[str, asyncio.Lock] = {}
-        # OAuth token requests; verification follows ca_file, like the IMAP connections.
-        self.http = httpx.AsyncClient(
-            timeout=self.settings.connect_timeout_seconds,
-            trust_env=False,
-            verify=(
-                ssl.create_default_context(cafile=str(self.settings.ca_file))
-                if self.settings.ca_file
-                else True
-            ),
-        )
         self.factory = ConnectionFactory(
             ca_file=self.settings.ca_file,
             connect_timeout=self.settings.connect_timeout_seconds,
             command_timeout=self.settings.command_timeout_seconds,
             keepalive_seconds=self.settings.tcp_keepalive_seconds,
+        )
+        # OAuth token requests trust what the IMAP connections trust: the system's CAs plus
+        # ca_file (which is extra, so Google's and Microsoft's endpoints still verify).
+        self.http = httpx.AsyncClient(
+            timeout=self.settings.connect_timeout_seconds,
+            trust_env=False,
+            verify=self.factory.verified,
         )
         self.executor = ThreadPoolExecutor(
             max_workers=self.settings.io_threads, thread_name_prefix="mailgate-imap"
