@@ -50,6 +50,7 @@ from gateway.imap.errors import AuthFailed, ImapError, ServerError, Throttled
 from gateway.imap.models import AccountStatus, MailAccount, MailFolder, MailLink
 from gateway.imap.oauth import Authorizations, Tokens
 from gateway.imap.presets import Provider, load_providers
+from gateway.imap.settings import ImapSettings
 from gateway.imap.sync import ACCOUNT, LINK, AccountView, Cursor
 from gateway.imap.sync import Engine as SyncEngine
 from gateway.imap.vault import SecretError, Vault
@@ -180,6 +181,13 @@ def login_secret(data: AccountCreate) -> str:
     """The password, or the access token of an OAuth account's tokens."""
     secret = data.password.get_secret_value() if data.password is not None else ""
     return Tokens.loads(secret).access_token if data.auth == "oauth" and secret else secret
+
+
+def pushes_to_us(settings: ImapSettings, account: MailAccount) -> bool:
+    """Whether the mailbox's server is asked (by METADATA) to push news to us: only with
+    ``push_secret`` set, and only on a custom set-up, since a preset provider's server is never
+    a Dovecot the admin configured to push (the entry would only change the mailbox)."""
+    return bool(settings.push_secret) and account.provider == "custom"
 
 
 def validate_new(
@@ -541,8 +549,7 @@ class ImapService:
         runner = self.runners.pop(account_id, None)
         if runner is not None:
             await runner.stop()
-        if self.settings.push_secret:
-            await self._withdraw_push(account_id)
+        await self._withdraw_push(account_id)
 
         def remove(session: Session) -> None:
             accounts.delete_account(session, accounts.get_account(session, account_id))
@@ -554,7 +561,7 @@ class ImapService:
         """Best effort: ask the server to stop pushing news of a mailbox we disconnect (an
         unreachable server or a wrong password must not stop the disconnect)."""
         account = await self.session(lambda s: s.get(MailAccount, account_id))
-        if account is None:
+        if account is None or not pushes_to_us(self.settings, account):
             return
 
         def withdraw(password: str) -> None:
@@ -920,7 +927,7 @@ class AccountRunner:
                 await self._status(AccountStatus.CONNECTING)
             conn = self.conn = await svc.io(svc.factory.open, endpoint, password)
             self.attempt = 0
-            if svc.settings.push_secret and account.sync_mode != "one_way":
+            if pushes_to_us(svc.settings, account):
                 # Best effort: a server without METADATA or push is still watched with IDLE.
                 with contextlib.suppress(ImapError):
                     if await svc.io(conn.register_push, account.id):

@@ -19,7 +19,7 @@ from gateway.imap.errors import AuthFailed, ImapDisabled, Throttled, classify_lo
 from gateway.imap.headers import HeaderRecord, literals, parse_addresses, parse_scan
 from gateway.imap.models import MailAccount, MailFolder, MailLink
 from gateway.imap.presets import bundled_text, load_providers
-from gateway.imap.service import choose_folders
+from gateway.imap.service import choose_folders, pushes_to_us
 from gateway.imap.settings import ImapSettings
 from gateway.imap.sync import Engine
 from gateway.imap.vault import SecretError, Vault, generate_key
@@ -241,6 +241,15 @@ def test_default_folders_are_inbox_and_the_special_use_sent_folder() -> None:
     assert [f.name for f in picked] == ["INBOX", "[Gmail]/Sent Mail"] and missing == []
     picked, missing = choose_folders(["inbox", "Nope"], available)
     assert [f.name for f in picked] == ["INBOX"] and missing == ["Nope"]
+
+
+def test_only_custom_set_ups_are_registered_for_push_and_only_when_it_is_on() -> None:
+    # Promise 7: a preset provider's server never pushes to us, so its mailbox is not written.
+    on, off = ImapSettings(push_secret="s"), ImapSettings()
+    custom, gmail = MailAccount(provider="custom"), MailAccount(provider="gmail")
+    assert pushes_to_us(on, custom)
+    assert not pushes_to_us(on, gmail)
+    assert not pushes_to_us(off, custom)
 
 
 def test_the_migration_creates_exactly_the_modelled_tables(tmp_path: Path) -> None:
