@@ -56,7 +56,6 @@ class Worker:
         self.clock = clock
         self._woken: asyncio.Queue[str] = asyncio.Queue()
         self._tick = asyncio.Event()
-        self._slots = asyncio.Semaphore(settings.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
         # When to look at the disk rather than only at what the doors handed over: at start and
