@@ -377,6 +377,15 @@ def new_account(
     return account
 
 
+def replace_secret(account: MailAccount, secret: bytes, *, auth_method: str) -> None:
+    """A new password or new OAuth tokens: the failure count starts again, so it reconnects."""
+    account.secret = secret
+    account.auth_method = auth_method
+    account.auth_failures = 0
+    if account.status == AccountStatus.AUTH_FAILED:
+        account.status = AccountStatus.CONNECTING
+
+
 def update_account(
     session: Session, *, account: MailAccount, patch: AccountUpdate, vault: Vault | None
 ) -> MailAccount:
@@ -387,10 +396,9 @@ def update_account(
             raise AccountError("the password is empty")
         if vault is None:
             raise AccountError("cannot store a password without imap.secret_key")
-        account.secret = vault.encrypt(patch.password.get_secret_value())
-        account.auth_failures = 0
-        if account.status == AccountStatus.AUTH_FAILED:
-            account.status = AccountStatus.CONNECTING
+        replace_secret(
+            account, vault.encrypt(patch.password.get_secret_value()), auth_method="password"
+        )
     sharing = patch.sharing if patch.sharing is not None else account.sharing
     selected = (
         patch.selected_contacts

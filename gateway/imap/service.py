@@ -748,22 +748,16 @@ class ImapService:
         account_id = str(request["account_id"])
         secret = self.vault.encrypt(tokens.dumps())
 
-        def reconnect(session: Session) -> AccountPublic:
+        def reconnect(session: Session) -> None:
             account = accounts.get_account(session, account_id)
-            account.secret = secret
-            account.auth_method = "oauth"
-            account.auth_failures = 0
-            if account.status == AccountStatus.AUTH_FAILED:
-                account.status = AccountStatus.CONNECTING
+            accounts.replace_secret(account, secret, auth_method="oauth")
             account.updated_at = time.time()
             session.add(account)
-            return accounts.public(account)
 
-        public = await self.session(reconnect, commit=True)
-        if (runner := self.runners.get(account_id)) is not None:
-            runner.updated_at = 0.0
-            runner.wake()
-        return public
+        await self.session(reconnect, commit=True)
+        if self.settings.enabled:
+            await self.reconcile()  # wakes the runner, as a new password does
+        return await self.get_account(account_id)
 
     async def pushed(self, user: str, folder: str) -> int:
         """A mail server said ``folder`` of ``user`` changed; how many accounts were nudged.

@@ -252,6 +252,28 @@ def test_only_custom_set_ups_are_registered_for_push_and_only_when_it_is_on() ->
     assert not pushes_to_us(off, custom)
 
 
+def test_a_new_password_or_new_tokens_reconnect_with_that_kind_of_login(tmp_path: Path) -> None:
+    from pydantic import SecretStr
+    from sqlmodel import Session
+
+    from gateway.imap.models import AccountStatus
+
+    vault = Vault(generate_key())
+    engine = make_engine(f"sqlite:///{tmp_path / 'a.db'}")
+    migrate(engine)
+    account = MailAccount(
+        auth_method="oauth", auth_failures=3, status=AccountStatus.AUTH_FAILED, sharing="public"
+    )
+    with Session(engine) as session:
+        patch = accounts.AccountUpdate(password=SecretStr("app-password"))
+        accounts.update_account(session, account=account, patch=patch, vault=vault)
+    # A password set on an OAuth mailbox is a password login from now on, not tokens to parse.
+    assert account.auth_method == "password" and vault.decrypt(account.secret) == "app-password"
+    assert account.auth_failures == 0 and account.status == AccountStatus.CONNECTING
+    accounts.replace_secret(account, vault.encrypt("{}"), auth_method="oauth")
+    assert account.auth_method == "oauth"
+
+
 def test_the_migration_creates_exactly_the_modelled_tables(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
     migrate(engine)
