@@ -361,11 +361,10 @@ def _link_crm_to_gateway(crm_path: Path, settings: Settings, token: str) -> None
     print(f"the bundled CRM sends mail through this gateway ({crm_path} [gateway])")
 
 
-# Set in the environment of the extra processes `serve` starts for `server.processes > 1`.
-_SHARED_PORTS = "MAILGATE_SHARED_PORTS"
-# Also set there: the process's stdin is a pipe from the supervisor, which never writes to it.
-# End of file on it means the supervisor is gone, however it went (SIGKILL, the OOM killer),
-# and the process stops instead of serving on as an orphan beside the supervisor's successor.
+# Set in the environment of the extra processes `serve` starts for `server.processes > 1`: they
+# share the supervisor's ports, and their stdin is a pipe from it that it never writes to. End
+# of file on it means the supervisor is gone, however it went (SIGKILL, the OOM killer), and the
+# process stops instead of serving on as an orphan beside the supervisor's successor.
 _SUPERVISED = "MAILGATE_SUPERVISED"
 
 
@@ -375,7 +374,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     logging.getLogger().setLevel(settings.server.log_level.upper())
     extra_processes = settings.server.processes - 1
-    shared = extra_processes > 0 or os.environ.get(_SHARED_PORTS) == "1"
+    supervised = os.environ.get(_SUPERVISED) == "1"
+    shared = extra_processes > 0 or supervised
     app = Mailgate(settings, reuse_port=shared)
     _add_embedded_crm(app, settings, args)
 
@@ -384,7 +384,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        if os.environ.get(_SUPERVISED) == "1":
+        if supervised:
             _stop_with_supervisor(loop, stop)
         await app.start()
         _tune_gc()
@@ -450,7 +450,6 @@ async def _supervise(args: argparse.Namespace, count: int, stop: asyncio.Event) 
         argv += ["--config", str(args.config)]
     env = {
         **os.environ,
-        _SHARED_PORTS: "1",
         _SUPERVISED: "1",
         "MAILGATE_SERVER__PROCESSES": "1",
         "MAILGATE_API__ENABLED": "false",
