@@ -690,15 +690,10 @@ def _fold_b(tag: bytes) -> bytes:
     a space, or with a bare CR and a bare LF: the length of b= decides it, so the key size
     does (RSA keys of 2089 to 2112 bits or 2521 to 2544, and bands like them every 1,704
     bits up; never 1024, 2048, 3072 or 4096, nor ed25519). Those cuts are left out here: the
-    last line then takes the one or two characters more.
+    value is cut every 71 characters and nowhere else, so the last line takes the one or two
+    characters more.
     """
-    lines: list[bytes] = []
-    start = 0
-    end = len(tag)
-    while end + 2 - start > _WIDTH and start + _WIDTH < end:
-        lines.append(tag[start : start + _WIDTH])
-        start += _WIDTH
-    lines.append(tag[start:])
+    lines = [tag[start : start + _WIDTH] for start in range(0, len(tag), _WIDTH)]
     return b"\r\n ".join(lines) + b"\r\n"
 
 
