@@ -35,7 +35,7 @@ from sqlmodel import Session, select
 
 from gateway.compose import Draft, bracketed, compose, new_message_id
 from gateway.errors import Defer, Reject
-from gateway.imap.accounts import AccountError, account_ref, find_account
+from gateway.imap.accounts import AccountError, account_ref, find_account, own_addresses
 from gateway.imap.errors import ImapError
 from gateway.imap.models import MailAccount
 from gateway.imap.service import ImapService
@@ -45,7 +45,7 @@ from gateway.relay import Advice, Relay
 from gateway.settings import RelaySettings
 from gateway.store.models import ApiSend, Source
 from gateway.store.queue import NewMessage, QueuedMessage, Store
-from gateway.users import UserError, get_user, identity_of
+from gateway.users import UserError, get_user
 
 log = logging.getLogger(__name__)
 API_SEND = ApiSend.__table__  # type: ignore[attr-defined]
@@ -64,7 +64,9 @@ class Sender:
     address: str
     owner: str  # the rep whose conversation this is
     account: dict[str, Any] | None  # AccountRef.as_meta() of the mailbox, when there is one
-    own_addresses: frozenset[str]
+    # The mailbox's addresses (never contacts); a rep's own are looked up when the mail is
+    # logged, as for submitted mail (IdentifySender).
+    own_addresses: frozenset[str] = frozenset()
     via_account: bool = False  # submitted through the mailbox's own SMTP server
     provider: str = "custom"
 
@@ -103,10 +105,7 @@ def resolve_sender(session: Session, *, account: str | None, user: str | None) -
     ).first()
     if primary is not None:
         return _from_account(primary)
-    identity = identity_of(session, rep)
-    return Sender(
-        address=rep.email, owner=rep.email, account=None, own_addresses=identity.addresses
-    )
+    return Sender(address=rep.email, owner=rep.email, account=None)
 
 
 def _from_account(account: MailAccount) -> Sender:
@@ -114,7 +113,7 @@ def _from_account(account: MailAccount) -> Sender:
         address=account.email,
         owner=account.owner,
         account=account_ref(account).as_meta(),
-        own_addresses=frozenset({account.email, account.owner}),
+        own_addresses=own_addresses(account),
         via_account=bool(account.smtp_host),
         provider=account.provider,
     )
