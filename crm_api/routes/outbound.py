@@ -14,11 +14,10 @@ from typing import Any
 import httpx
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
-from sqlmodel import select
 
 from crm_api import visibility
 from crm_api.deps import CurrentUser, SessionDep, SettingsDep, ViewerDep
-from crm_api.models import Email, Role
+from crm_api.models import Role
 
 router = APIRouter(tags=["emails"])
 
@@ -72,9 +71,8 @@ def send_email(
         parent = visibility.get_email(
             session=session, viewer=viewer, email_id=data.reply_to_email_id
         )
-        refs = session.exec(select(Email.thread_refs).where(Email.id == parent.id)).first() or ""
         body["in_reply_to"] = f"<{parent.message_id.strip('<>')}>"
-        body["references"] = [f"<{r.strip('<>')}>" for r in refs.split() if r.strip("<>")]
+        body["references"] = [f"<{r.strip('<>')}>" for r in parent.references if r.strip("<>")]
     try:
         reply = httpx.post(
             f"{gateway.url.rstrip('/')}/api/v1/messages",
