@@ -17,6 +17,7 @@ from sqlmodel import Session
 from crm_api import crud
 from crm_api.db import Database, migrate
 from crm_api.models import Role, UserCreate
+from tests.crm_api.conftest import CRM
 from tests.gateway.conftest import REP, RunningGateway, add_users
 from tests.hooks.conftest import SECRET, Crm, hooked_settings, poll
 from tests.servers.ports import free_port
@@ -28,11 +29,24 @@ class Linked:
     crm: Crm
     rep_token: str
     gateway: RunningGateway
+    database_url: str
 
     def as_rep(self) -> httpx.Client:
         return httpx.Client(
             base_url=self.crm.url, headers={"Authorization": f"Bearer {self.rep_token}"}, timeout=30
         )
+
+    def other_reps_private_email(self) -> int:
+        """The id of an email logged from another rep's private mailbox (the admin sees it)."""
+        tokens = {"admin": self.crm.admin_token}
+        crm = CRM("sqlite", self.crm.url, self.database_url, tokens, emails={})
+        try:
+            stored = crm.log_email(
+                owner="boss@example.test", to=["ida@customer.test"], sharing="private"
+            )
+        finally:
+            crm.client("admin").close()
+        return int(stored["id"])
 
 
 @pytest.fixture
@@ -69,7 +83,7 @@ def linked(tmp_path: Path, ca: Any, sink: Any) -> Iterator[Linked]:
     server.start()
     gateway = RunningGateway(settings).start()
     try:
-        yield Linked(crm, rep_token, gateway)
+        yield Linked(crm, rep_token, gateway, url)
     finally:
         gateway.stop()
         server.cleanup()
@@ -125,6 +139,13 @@ def test_a_rep_sends_and_replies_from_the_crm(linked: Linked, sink: Any) -> None
             json={"to": ["ida@customer.test"], "text": "x", "reply_to_email_id": 999999},
         )
         assert unseen.status_code == 404
+        # An email that exists but is another rep's private mail answers the same 404.
+        private = linked.other_reps_private_email()
+        hidden = crm.post(
+            "/api/v1/emails/send",
+            json={"to": ["ida@customer.test"], "text": "x", "reply_to_email_id": private},
+        )
+        assert hidden.status_code == 404, hidden.text
         # The gateway's refusal comes back as the CRM's 4xx, with its sentence.
         bad = crm.post("/api/v1/emails/send", json={"to": ["not-an-address"], "text": "x"})
         assert bad.status_code == 422
