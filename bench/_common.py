@@ -128,30 +128,28 @@ def rss_kib(pid: int) -> dict[str, int]:
     return out
 
 
-def session_pids(session: int) -> list[int]:
-    """All live processes in a session (Postfix's master is a session leader)."""
+def _pids_where(field: int, value: int) -> list[int]:
+    """Live processes whose /proc stat ``field`` (counted after ")": state ppid pgrp session)
+    equals ``value``."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[3]) == session:  # after ")": state ppid pgrp session
+            if int(fields[field]) == value:
                 pids.append(int(entry))
     return pids
+
+
+def session_pids(session: int) -> list[int]:
+    """All live processes in a session (Postfix's master is a session leader)."""
+    return _pids_where(3, session)
 
 
 def child_pids(parent: int) -> list[int]:
     """The live direct children of ``parent``."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == parent:  # after ")": state ppid
-                pids.append(int(entry))
-    return pids
+    return _pids_where(1, parent)
 
 
 def cpu_seconds(pids: list[int]) -> float:
