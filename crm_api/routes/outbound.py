@@ -73,6 +73,9 @@ def send_email(
         )
         body["in_reply_to"] = f"<{parent.message_id.strip('<>')}>"
         body["references"] = [f"<{r.strip('<>')}>" for r in parent.references if r.strip("<>")]
+    # Nothing more is read here: end the read transaction and give the connection back to the
+    # pool rather than hold them while the gateway answers (up to timeout_seconds).
+    session.close()
     try:
         reply = httpx.post(
             f"{gateway.url.rstrip('/')}/api/v1/messages",
