@@ -60,9 +60,10 @@ _MAX_REPLY_LINES = 200
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")  # RFC 3463 §2, RFC 2034
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 # What _prepare must change: a CR without its LF, an LF without its CR or with a "." after it.
-# Two searches, as each begins with a literal byte the regex engine scans for fast; one pattern
+# Searches that each begin with a literal byte the regex engine scans for fast; one pattern
 # with both alternatives is several times slower, and so were three bytes.count passes.
 _BARE_CR = re.compile(rb"\r(?!\n)")
+_BARE_LF = re.compile(rb"\n(?<!\r\n)")
 _BARE_LF_OR_DOT = re.compile(rb"\n(?:\.|(?<!\r\n))")
 _FORBIDDEN_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
 
@@ -154,15 +155,14 @@ class _Payload:
 
 def _prepare(message: bytes) -> _Payload:
     """Strict CRLF (RFC 5321 §2.3.8) and dot-stuffing (§4.5.2), copying only when needed."""
-    # Mail that came in by SMTP needs neither; the searches say so without the passes below.
-    if message.startswith(b".") or _BARE_CR.search(message) or _BARE_LF_OR_DOT.search(message):
-        crlf = message.count(b"\r\n")
-        if not (crlf == message.count(b"\n") == message.count(b"\r")):
+    # Mail that came in by SMTP needs neither, which two searches tell without copying it.
+    bare_cr = _BARE_CR.search(message)
+    if bare_cr or message.startswith(b".") or _BARE_LF_OR_DOT.search(message):
+        if bare_cr or _BARE_LF.search(message):
             message = _LINE_BREAK.sub(b"\r\n", message)  # a bare CR or LF becomes a line break
-        if message.startswith(b".") or b"\r\n." in message:
-            message = message.replace(b"\r\n.", b"\r\n..")
-            if message.startswith(b"."):
-                message = b"." + message
+        message = message.replace(b"\r\n.", b"\r\n..")  # no copy when there is none
+        if message.startswith(b"."):
+            message = b"." + message
     if message and not message.endswith(b"\r\n"):
         message += b"\r\n"  # the last line needs its CRLF before the terminating "."
     end = message.find(b"\r\n\r\n")
