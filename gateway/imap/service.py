@@ -788,6 +788,16 @@ class ImapService:
         return nudged
 
 
+async def _first_set(seconds: float, *events: asyncio.Event) -> None:
+    """Wait until one of ``events`` is set or ``seconds`` pass."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 class AccountRunner:
     """One account's life: connect, first sync, then live (IDLE + polling), with backoff."""
 
@@ -1004,20 +1014,13 @@ class AccountRunner:
                 return
             wait = max(0.0, next_poll - loop.time())
             if idle:
-                if conn.changed:  # news arrived with an earlier reply: sync before idling
+                # News arrived with an earlier reply, or was pushed meanwhile: sync, not IDLE.
+                if conn.changed or self._nudge.is_set():
                     poll_all = False
                     continue
                 await self._idle(conn, min(wait, svc.settings.idle_refresh_seconds))
             else:
-                woken = [
-                    asyncio.ensure_future(self._wake.wait()),
-                    asyncio.ensure_future(self._nudge.wait()),
-                ]
-                try:
-                    await asyncio.wait(woken, timeout=wait, return_when="FIRST_COMPLETED")
-                finally:
-                    for waiter in woken:
-                        waiter.cancel()
+                await _first_set(wait, self._wake, self._nudge)
             poll_all = loop.time() >= next_poll
 
     async def _idle(self, conn: ImapConnection, seconds: float) -> None:
@@ -1049,16 +1052,7 @@ class AccountRunner:
                     break
                 if self._nudge.is_set():  # the server pushed news: DONE, then look at once
                     break
-                waits = [
-                    asyncio.ensure_future(readable.wait()),
-                    asyncio.ensure_future(self._wake.wait()),
-                    asyncio.ensure_future(self._nudge.wait()),
-                ]
-                try:
-                    await asyncio.wait(waits, timeout=remaining, return_when="FIRST_COMPLETED")
-                finally:
-                    for waiter in waits:
-                        waiter.cancel()
+                await _first_set(remaining, readable, self._wake, self._nudge)
         finally:
             loop.remove_reader(fd)
         await svc.io(conn.idle_done)
