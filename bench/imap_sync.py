@@ -49,7 +49,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -65,6 +65,9 @@ from tests.servers.certs import TestCA  # noqa: E402
 from tests.servers.dovecot import DovecotServer  # noqa: E402
 from tests.servers.ports import free_port  # noqa: E402
 from tests.servers.uvicorn import UvicornServer  # noqa: E402
+
+if TYPE_CHECKING:
+    from gateway.imap.service import ImapService
 
 COMPANY = "corp.test"
 KEY = Fernet.generate_key().decode()
@@ -189,14 +192,52 @@ def mbsync_mirror(
 # -- Mailgate, in this process -----------------------------------------------------------------
 
 
-class Gateway:
+class _OnLoop:
+    """A gateway on an asyncio loop in a thread of this process: ``call`` runs a coroutine there,
+    ``scalar`` reads its SQLite store as an outsider would, ``add`` connects a Dovecot user."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def imap(self) -> ImapService:
+        raise NotImplementedError
+
+    def call(self, coroutine: Any, timeout: float = 600) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=timeout)
+
+    def scalar(self, sql: str, *params: Any) -> Any:
+        return sqlite_scalar(self.path, sql, *params)
+
+    def add(self, dovecot: DovecotServer, user: str, password: str, **choices: Any) -> str:
+        from gateway.imap.accounts import AccountCreate
+
+        data = AccountCreate(
+            email=user,
+            password=password,
+            imap_host=dovecot.host,
+            imap_port=dovecot.port,
+            imap_security="none",
+            kind="shared",
+            **choices,
+        )
+        return str(self.call(self.imap().add_account(data)).id)
+
+    def _end_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+class Gateway(_OnLoop):
     """The IMAP service with a real store, CRM client and outbox, on a loop in a thread."""
 
     def __init__(self, workdir: Path, crm_url: str, crm_token: str, **imap: Any) -> None:
         from gateway.settings import Settings
         from gateway.store.db import make_engine, migrate
 
-        self.path = workdir / "gateway.db"
+        super().__init__(workdir / "gateway.db")
         url = f"sqlite:///{self.path}"
         self.settings = Settings(
             database={"url": url},  # type: ignore[arg-type]
@@ -205,13 +246,10 @@ class Gateway:
         self.engine = make_engine(url)
         migrate(self.engine)
         self.crm_url, self.crm_token = crm_url, crm_token
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
         self.call(self._start())
 
-    def call(self, coroutine: Any, timeout: float = 600) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=timeout)
+    def imap(self) -> ImapService:
+        return self.service
 
     async def _start(self) -> None:
         from gateway.imap.service import ImapService
@@ -234,20 +272,6 @@ class Gateway:
             on_accepted=lambda _id: None,
         )
         await self.service.start()
-
-    def add(self, dovecot: DovecotServer, user: str, password: str, **choices: Any) -> str:
-        from gateway.imap.accounts import AccountCreate
-
-        data = AccountCreate(
-            email=user,
-            password=password,
-            imap_host=dovecot.host,
-            imap_port=dovecot.port,
-            imap_security="none",
-            kind="shared",
-            **choices,
-        )
-        return str(self.call(self.service.add_account(data)).id)
 
     def add_many(
         self, host: str, port: int, users: list[tuple[str, str]], *, security: str = "ssl"
@@ -275,9 +299,6 @@ class Gateway:
             session.commit()
         self.call(self.service.reconcile())
 
-    def scalar(self, sql: str, *params: Any) -> Any:
-        return sqlite_scalar(self.path, sql, *params)
-
     def close(self) -> None:
         async def stop() -> None:
             await self.service.stop()
@@ -285,8 +306,7 @@ class Gateway:
             await self.committer.stop()
 
         self.call(stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
+        self._end_loop()
         self.engine.dispose()
 
 
@@ -328,7 +348,7 @@ def mailgate_initial_sync(
 # -- latency while idling ----------------------------------------------------------------------
 
 
-class FullGateway:
+class FullGateway(_OnLoop):
     """``Mailgate`` as ``mailgate serve`` builds it (IMAP sync, worker, hooks to the CRM, admin
     API for the push route), on a loop in a thread of this process."""
 
@@ -338,7 +358,7 @@ class FullGateway:
         from gateway.app import Mailgate
         from gateway.settings import Settings
 
-        self.path = workdir / "gateway.db"
+        super().__init__(workdir / "gateway.db")
         settings = Settings(
             server={"hostname": "bench.test", "data_dir": str(workdir)},  # type: ignore[arg-type]
             database={"url": f"sqlite:///{self.path}"},  # type: ignore[arg-type]
@@ -359,37 +379,15 @@ class FullGateway:
             },
         )
         self.app = Mailgate(settings)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
         self.call(self.app.start())
 
-    def call(self, coroutine: Any, timeout: float = 120) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=timeout)
-
-    def add(self, dovecot: DovecotServer, user: str, password: str) -> str:
-        from gateway.imap.accounts import AccountCreate
-
-        data = AccountCreate(
-            email=user,
-            password=password,
-            imap_host=dovecot.host,
-            imap_port=dovecot.port,
-            imap_security="none",
-            kind="shared",
-            start="now",
-            folders=["INBOX"],
-        )
+    def imap(self) -> ImapService:
         assert self.app.imap is not None
-        return str(self.call(self.app.imap.add_account(data)).id)
-
-    def scalar(self, sql: str, *params: Any) -> Any:
-        return sqlite_scalar(self.path, sql, *params)
+        return self.app.imap
 
     def close(self) -> None:
         self.call(self.app.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
+        self._end_loop()
 
 
 def sqlite_scalar(path: Path, sql: str, *params: Any) -> Any:
@@ -450,7 +448,7 @@ def latency(
     to_store: list[float] = []
     peer: list[float] = []
     try:
-        gateway.add(dovecot, user, password)
+        gateway.add(dovecot, user, password, start="now", folders=["INBOX"])
         wait_until(
             lambda: gateway.scalar("SELECT status FROM mail_account") == "live",
             timeout=60,
@@ -499,16 +497,17 @@ def latency(
         }
 
     pushed = [line for line in pushes.splitlines() if line.startswith("mailgate_imap_pushes_total")]
+    crm_latency = summary(to_crm)
     return {
         "samples": samples,
         "server_push": push,
         "pushes": pushed,
-        "mailgate_delivery_to_crm": summary(to_crm),
+        "mailgate_delivery_to_crm": crm_latency,
         "mailgate_delivery_to_accepted": summary(to_store),
         "bare_idle_delivery_to_exists": summary(peer),
         "targets": {
-            "p50_lt_500ms": statistics.median(to_crm) < 0.5,
-            "p99_lt_2s": sorted(to_crm)[min(len(to_crm) - 1, int(0.99 * len(to_crm)))] < 2.0,
+            "p50_lt_500ms": crm_latency["p50_ms"] < 500,
+            "p99_lt_2s": crm_latency["p99_ms"] < 2000,
         },
     }
 
