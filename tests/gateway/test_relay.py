@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, Self
 
 import dns.asyncresolver
 import pytest
@@ -69,7 +69,28 @@ def arrived(sink: MessageSink, recipient: str, count: int = 1) -> list[Received]
     return sink.wait_for(count, 10, where=lambda m: lowered in (r.lower() for r in m.rcpt_tos))
 
 
-class WireTap:
+class LoopbackServer:
+    """An asyncio server on a free loopback port for the length of an ``async with``; a
+    subclass answers each connection in ``_handle``."""
+
+    port = 0
+    _server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class WireTap(LoopbackServer):
     """A TCP proxy to ``port`` that records what clients send and can hang up on them."""
 
     def __init__(self, port: int) -> None:
@@ -79,21 +100,12 @@ class WireTap:
         self.hang_up_on_next_command = False
         self.sabotage_next_starttls = False  # answer the TLS handshake with garbage, once
         self._peers: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    async def __aenter__(self) -> WireTap:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
         for client, upstream in self._peers:
             client.transport.abort()
             upstream.transport.abort()
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
+        await super().__aexit__(*exc)
 
     @property
     def open_connections(self) -> int:
@@ -433,7 +445,7 @@ def test_a_server_that_never_answers_times_out() -> None:
     assert elapsed < 3
 
 
-class SlowSmtp:
+class SlowSmtp(LoopbackServer):
     """A minimal SMTP server offering PIPELINING whose every reply line comes ``delay`` seconds
     after the one before; it can stay silent, and greet with a reply of many lines."""
 
@@ -442,17 +454,6 @@ class SlowSmtp:
         self.greeting_lines = greeting_lines
         self.silent = False
         self.messages = 0
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    async def __aenter__(self) -> SlowSmtp:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         async def say(*lines: str) -> None:
