@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim import canonicalization
 
 from gateway.errors import ConfigError, Reject
+from gateway.message import BARE_LF
 from gateway.settings import DkimSettings
 
 log = logging.getLogger(__name__)
@@ -431,7 +432,6 @@ _BODY_CHUNK = 1 << 16
 # Anchored on the rare "\n", this one scan costs less than comparing the counts of "\n" and
 # "\r\n" alone did.
 _SUSPECT_LINE_END = re.compile(rb"\n(?<![^ \t]\r\n)")
-_BARE_LF = re.compile(rb"\n(?<!\r\n)")
 _LINE_END = re.compile(rb"\r?\n")
 # A header field name as dkimpy's parser matches it: printable ASCII up to the first colon.
 _FIELD_NAME = re.compile(rb"[\x21-\x7e]+?:")
@@ -549,7 +549,7 @@ def _relax(chunk: bytes) -> bytes:
     """
     tab = chunk.find(b"\t") != -1
     if _SUSPECT_LINE_END.search(chunk):
-        if _BARE_LF.search(chunk):
+        if BARE_LF.search(chunk):
             chunk = _LINE_END.sub(b"\r\n", chunk)
         if chunk.find(b" \r\n") != -1 or (tab and chunk.find(b"\t\r\n") != -1):
             chunk = canonicalization.strip_trailing_whitespace(chunk)

@@ -38,6 +38,7 @@ import dns.rdtypes.IN.AAAA
 import dns.resolver
 
 from gateway.errors import ConfigError
+from gateway.message import BARE_CR, BARE_LF
 from gateway.settings import RelaySettings
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,9 @@ _MAX_REPLY_LINES = 200
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")  # RFC 3463 §2, RFC 2034
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
-# What _prepare must change: a CR without its LF, an LF without its CR or with a "." after it.
-# Searches that each begin with a literal byte the regex engine scans for fast; one pattern
-# with both alternatives is several times slower, and so were three bytes.count passes.
-_BARE_CR = re.compile(rb"\r(?!\n)")
-_BARE_LF = re.compile(rb"\n(?<!\r\n)")
+# What _prepare must change: a CR without its LF (BARE_CR), an LF without its CR or with a "."
+# after it. Searches that each begin with a literal byte the regex engine scans for fast; one
+# pattern with both alternatives is several times slower, and so were three bytes.count passes.
 _BARE_LF_OR_DOT = re.compile(rb"\n(?:\.|(?<!\r\n))")
 _FORBIDDEN_IN_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
 
@@ -156,9 +155,9 @@ class _Payload:
 def _prepare(message: bytes) -> _Payload:
     """Strict CRLF (RFC 5321 §2.3.8) and dot-stuffing (§4.5.2), copying only when needed."""
     # Mail that came in by SMTP needs neither, which two searches tell without copying it.
-    bare_cr = _BARE_CR.search(message)
+    bare_cr = BARE_CR.search(message)
     if bare_cr or message.startswith(b".") or _BARE_LF_OR_DOT.search(message):
-        if bare_cr or _BARE_LF.search(message):
+        if bare_cr or BARE_LF.search(message):
             message = _LINE_BREAK.sub(b"\r\n", message)  # a bare CR or LF becomes a line break
         message = message.replace(b"\r\n.", b"\r\n..")  # no copy when there is none
         if message.startswith(b"."):
