@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert
+from sqlalchemy import Connection, Engine
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, select
 
 from gateway.compose import Draft, bracketed, compose, new_message_id
@@ -156,25 +158,45 @@ class Outgoing:
         self.max_recipients = max_recipients
         self.wake = wake
 
-    async def _accept_once(self, message: NewMessage) -> tuple[str, bool]:
+    async def _accept_once(self, message: NewMessage, fingerprint: str) -> tuple[str, bool]:
         """Queue ``message`` unless the CRM already sent one with its Message-ID (the same
-        transaction records it); ``(queue id, whether this was the first time)``."""
+        transaction records it); ``(queue id, whether this was the first time)``. The same
+        Message-ID with another ``fingerprint`` (a different request) raises a 409
+        :class:`SendError`: answering it as a repeat would drop that message unsent."""
         key = str(message.header_message_id)
         store = self.store.inserting(message)
 
-        def write(connection: Connection) -> tuple[str, bool]:
+        def write(connection: Connection) -> tuple[str, bool | None]:
+            # ON CONFLICT DO NOTHING: two processes taking the same request at once both end
+            # here, and the one that did not insert reads the other's row.
+            claimed = connection.execute(
+                _insert_api_send(connection)
+                .values(
+                    message_id=key,
+                    queue_id=message.id,
+                    created_at=time.time(),
+                    fingerprint=fingerprint,
+                )
+                .on_conflict_do_nothing(index_elements=["message_id"])
+            ).rowcount
+            if claimed:
+                return store(connection), True
             earlier = connection.execute(
-                select(API_SEND.c.queue_id).where(API_SEND.c.message_id == key)
-            ).scalar_one_or_none()
-            if earlier is not None:
-                return str(earlier), False
-            connection.execute(
-                insert(API_SEND).values(message_id=key, queue_id=message.id, created_at=time.time())
-            )
-            return store(connection), True
+                select(API_SEND.c.queue_id, API_SEND.c.fingerprint).where(
+                    API_SEND.c.message_id == key
+                )
+            ).one()
+            same = earlier.fingerprint in (None, fingerprint)
+            return str(earlier.queue_id), (False if same else None)
 
-        result: tuple[str, bool] = await self.store.committer.write(write)
-        return result
+        stored, first = await self.store.committer.write(write)
+        if first is None:
+            raise SendError(
+                f"message_id <{key}> was already used for a different message (another sender, "
+                "recipients or content); give this message a Message-ID of its own",
+                status=409,
+            )
+        return stored, first
 
     async def send(
         self,
@@ -226,7 +248,7 @@ class Outgoing:
             meta=meta,
         )
         if message_id:
-            stored, first = await self._accept_once(new)
+            stored, first = await self._accept_once(new, request_fingerprint(draft, bcc))
         else:
             stored, first = await self.store.accept(new), True
         if first:
@@ -243,6 +265,38 @@ class Outgoing:
             route="account" if sender.via_account else "gateway",
             repeated=not first,
         )
+
+
+def request_fingerprint(draft: Draft, bcc: Sequence[str]) -> str:
+    """SHA-256 over what a send request asks for (its sender and recipients, headers, text and
+    attachments), each part length-prefixed so that no two requests share a byte stream."""
+    digest = hashlib.sha256()
+
+    def part(data: str | bytes) -> None:
+        raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+        digest.update(len(raw).to_bytes(8, "big"))
+        digest.update(raw)
+
+    for field in (draft.sender, draft.sender_name, draft.subject, draft.reply_to or ""):
+        part(field)
+    for addresses in (draft.to, draft.cc, bcc, draft.references):
+        part(str(len(addresses)))
+        for address in addresses:
+            part(address)
+    for body in (draft.text, draft.html, draft.in_reply_to):
+        part("" if body is None else "\x00" + body)  # None and "" differ
+    part(str(len(draft.attachments)))
+    for attachment in draft.attachments:
+        for piece in (attachment.filename, attachment.content_type, attachment.data):
+            part(piece)
+    return digest.hexdigest()
+
+
+def _insert_api_send(connection: Connection) -> Any:
+    """The dialect's INSERT for ``api_send`` (both SQLite and PostgreSQL offer ON CONFLICT)."""
+    if connection.dialect.name == "postgresql":
+        return postgresql_insert(API_SEND)
+    return sqlite_insert(API_SEND)
 
 
 Append = Callable[[str, bytes], Awaitable[bool]]

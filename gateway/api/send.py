@@ -79,7 +79,8 @@ class MessageIn(BaseModel):
     message_id: MessageIdText | None = Field(
         None,
         description="the Message-ID to use (default: a new one on the sender's domain); a "
-        "request repeated with the same one is answered 200 with the first, never sent twice",
+        "request repeated with the same one is answered 200 with the first, never sent twice; "
+        "a different request with it is refused with 409",
     )
 
     @field_validator("to", "cc", "bcc")

@@ -95,6 +95,9 @@ class ApiSend(GatewayTable, table=True):
     # No foreign key: an admin may delete the message from the queue; a retry still finds it.
     queue_id: str = Field(max_length=32)
     created_at: float
+    # SHA-256 of what the request asked for (sender, recipients, content): the same Message-ID
+    # with a different request is refused instead of answered as a repeat and never sent.
+    fingerprint: str | None = Field(default=None, max_length=64)
 
 
 class Delivery(GatewayTable, table=True):

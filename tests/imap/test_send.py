@@ -369,3 +369,8 @@ def test_a_repeated_request_with_the_same_message_id_is_not_sent_twice(
     relayed = sink.wait_for_rcpt("jo@customer.test", timeout=15)
     assert email.message_from_bytes(relayed.data)["Message-ID"] == "<crm-42@example.test>"
     assert len(_queue_rows(gateway, "crm-42@example.test")) == 1
+    # Another message reusing that Message-ID is refused, not taken for a repeat and dropped.
+    other = api.post("/api/v1/messages", json={**body, "to": ["kim@customer.test"]})
+    assert other.status_code == 409, other.text
+    assert "already used for a different message" in other.json()["detail"]
+    assert len(_queue_rows(gateway, "crm-42@example.test")) == 1
