@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -33,6 +33,17 @@ class ApiContext:
     link_secret: str = ""
     # Services of feature packages, by name (e.g. "imap"), for their routers.
     services: dict[str, Any] = field(default_factory=dict)
+
+
+T = TypeVar("T")
+
+
+def service(context: ApiContext, name: str, kind: type[T], unavailable: str) -> T:
+    """The feature service ``name`` of type ``kind``, or a 503 saying ``unavailable``."""
+    found = context.services.get(name)
+    if not isinstance(found, kind):
+        raise HTTPException(503, unavailable)
+    return found
 
 
 _bearer = HTTPBearer(auto_error=False, description="an admin token from `mailgate token create`")

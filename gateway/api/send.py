@@ -18,7 +18,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from gateway.api.deps import Admin, ApiContext, Context
+from gateway.api.deps import Admin, ApiContext, Context, service
 from gateway.compose import Attachment, Draft
 from gateway.outgoing import Outgoing, SendError
 from gateway.smtp.policy import is_mailbox
@@ -95,10 +95,9 @@ class MessageIn(BaseModel):
 
 
 def _outgoing(context: ApiContext) -> Outgoing:
-    service = context.services.get("outgoing")
-    if not isinstance(service, Outgoing):
-        raise HTTPException(503, "sending from the API is not set up in this gateway")
-    return service
+    return service(
+        context, "outgoing", Outgoing, "sending from the API is not set up in this gateway"
+    )
 
 
 def router() -> APIRouter:

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, HTTPException
 from sqlmodel import Session
 
-from gateway.api.deps import Admin, ApiContext, Context
+from gateway.api.deps import Admin, ApiContext, Context, service
 from gateway.dnscheck import Report, check_domain
 from gateway.settings import Settings
 from gateway.users import UserError
@@ -43,10 +43,9 @@ def run_dns_check(settings: Settings, domain: str) -> Report:
 
 
 def _service(context: ApiContext) -> CaptureService:
-    service = context.services.get("capture")
-    if not isinstance(service, CaptureService):
-        raise HTTPException(503, "the capture service is not configured in this gateway")
-    return service
+    return service(
+        context, "capture", CaptureService, "the capture service is not configured in this gateway"
+    )
 
 
 def router() -> APIRouter:

@@ -37,7 +37,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.api.deps import Admin, ApiContext, Context
+from gateway.api.deps import Admin, ApiContext, Context, service
 from gateway.errors import ConfigError
 from gateway.imap.accounts import AccountCreate, AccountError, AccountPublic, AccountUpdate
 from gateway.imap.oauth import PENDING_SECONDS
@@ -52,10 +52,12 @@ class MailboxAction(BaseModel):
 
 
 def _service(context: ApiContext) -> ImapService:
-    service = context.services.get("imap")
-    if not isinstance(service, ImapService):
-        raise HTTPException(503, "IMAP sync is not running in this gateway (see [imap] enabled)")
-    return service
+    return service(
+        context,
+        "imap",
+        ImapService,
+        "IMAP sync is not running in this gateway (see [imap] enabled)",
+    )
 
 
 def _refused(exc: AccountError | ConfigError) -> HTTPException:
