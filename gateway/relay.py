@@ -40,6 +40,7 @@ import dns.resolver
 from gateway.errors import ConfigError
 from gateway.message import BARE_CR, BARE_LF
 from gateway.settings import RelaySettings
+from gateway.timers import LazyDeadline
 
 log = logging.getLogger(__name__)
 
@@ -243,10 +244,11 @@ class _Session:
         self.broken = False
         self.dirty = False  # a transaction began and did not reach its final DATA reply
         self.created = time.monotonic()
-        self.idle_since = 0.0  # loop time this connection last went back to its pool
-        self.expiry: asyncio.TimerHandle | None = None
-        self._waiting_until = 0.0  # the deadline of the reply being waited for, 0 if none
-        self._watchdog: asyncio.TimerHandle | None = None
+        self.expiry: LazyDeadline | None = None  # while pooled (Relay._put_idle)
+        # The deadline of the reply being waited for (RFC 5321 §4.5.3.2): one timer per
+        # connection, not an asyncio.timeout per wait, which was a measurable share of the CPU
+        # per message.
+        self._watchdog = LazyDeadline(asyncio.get_running_loop(), self._timed_out)
 
     # -- wire ---------------------------------------------------------------------------------
 
@@ -268,21 +270,19 @@ class _Session:
         deadline = 0.0
         while True:
             try:
-                # RFC 5321 §4.5.3.2: every wait is bounded, all of one reply's by one deadline
-                # that _watch enforces. A line already buffered is read without waiting: the
-                # replies to pipelined RSET, MAIL, RCPTs and DATA arrive together.
+                # RFC 5321 §4.5.3.2: every wait is bounded, all of one reply's by one deadline.
+                # A line already buffered is read without waiting: the replies to pipelined
+                # RSET, MAIL, RCPTs and DATA arrive together.
                 if b"\n" in getattr(self.reader, "_buffer", b""):
                     raw = await self.reader.readline()
                 else:
-                    loop = asyncio.get_running_loop()
                     if not deadline:
-                        deadline = loop.time() + self._timeout
-                    self._arm_watchdog(loop, deadline)
-                    self._waiting_until = deadline
+                        deadline = asyncio.get_running_loop().time() + self._timeout
+                    self._watchdog.set(deadline)
                     try:
                         raw = await self.reader.readline()
                     finally:
-                        self._waiting_until = 0.0
+                        self._watchdog.clear()
             except (ValueError, asyncio.LimitOverrunError):
                 raise _ProtocolError("reply line longer than 64 KiB") from None
             if not raw.endswith(b"\n"):
@@ -306,27 +306,7 @@ class _Session:
             raise _SessionFailed(f"{self.where} said: {reply}", reply=reply)
         return reply
 
-    # Reply deadlines are enforced by one long-lived timer per connection rather than an
-    # asyncio.timeout per wait (arming and cancelling one twice per message was a measurable
-    # share of its CPU). Every wait makes sure the timer is due no later than its deadline;
-    # deadlines only move later, so when the timer fires it is re-armed for the wait then in
-    # progress if that one is not overdue yet, and fails it if it is.
-
-    def _arm_watchdog(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
-        watchdog = self._watchdog
-        if watchdog is not None and watchdog.when() <= deadline:
-            return  # fires in time and is re-armed for the rest then
-        if watchdog is not None:
-            watchdog.cancel()
-        self._watchdog = loop.call_at(deadline, self._watch, deadline)
-
-    def _watch(self, due: float) -> None:
-        self._watchdog = None
-        if not self._waiting_until:
-            return  # not waiting: the next wait arms it again
-        if self._waiting_until > due:
-            self._arm_watchdog(asyncio.get_running_loop(), self._waiting_until)
-            return
+    def _timed_out(self) -> None:
         # A reply line that arrived just in time is buffered even if the reading task has not
         # run yet; only a reader still waiting has run out of time. It is failed rather than
         # its task cancelled, so the wait raises TimeoutError as asyncio.timeout's would; every
@@ -335,9 +315,9 @@ class _Session:
             self.reader.set_exception(TimeoutError())
 
     def _stop_timers(self) -> None:
-        for timer in (self.expiry, self._watchdog):
-            if timer is not None:
-                timer.cancel()
+        self._watchdog.cancel()
+        if self.expiry is not None:
+            self.expiry.cancel()
 
     def abort(self) -> None:
         self.broken = True
@@ -817,6 +797,8 @@ class Relay:
         now = time.monotonic()
         while pool.idle:
             session = pool.idle.pop()  # LIFO: the most recently used is the least likely stale
+            if session.expiry is not None:
+                session.expiry.clear()
             if session.reader.at_eof() or now - session.created > REUSE_SECONDS:
                 session.abort()
                 continue
@@ -826,26 +808,15 @@ class Relay:
     def _put_idle(self, pool: _Pool, session: _Session) -> None:
         pool.idle.append(session)
         loop = asyncio.get_running_loop()
-        session.idle_since = loop.time()
-        # One expiry timer per connection, not one per message: a timer still pending from an
-        # earlier idle spell stays, and when it fires _expire re-arms it for the time left.
-        if session.expiry is None:
-            due = session.idle_since + IDLE_SECONDS
-            session.expiry = loop.call_at(due, self._expire, pool, session, due)
+        if session.expiry is None:  # one per connection, moved at every return to the pool
+            session.expiry = LazyDeadline(loop, lambda: self._expire(pool, session))
+        session.expiry.set(loop.time() + IDLE_SECONDS)
 
-    def _expire(self, pool: _Pool, session: _Session, due: float) -> None:
-        session.expiry = None
-        if session not in pool.idle:
-            return  # in use (its _put_idle arms a new timer) or already closed
-        if session.idle_since + IDLE_SECONDS > due:  # used since this timer was armed
-            due = session.idle_since + IDLE_SECONDS
-            session.expiry = asyncio.get_running_loop().call_at(
-                due, self._expire, pool, session, due
-            )
-            return
-        pool.idle.remove(session)
-        session.close_politely()
-        self._prune(pool)
+    def _expire(self, pool: _Pool, session: _Session) -> None:
+        if session in pool.idle:  # (not taken or closed since)
+            pool.idle.remove(session)
+            session.close_politely()
+            self._prune(pool)
 
     def _prune(self, pool: _Pool) -> None:
         """Forget a route nobody uses and nothing is pooled for (MX mode meets many domains)."""

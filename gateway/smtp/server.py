@@ -27,6 +27,7 @@ from aiosmtpd.smtp import MISSING, SMTP
 from gateway.errors import ConfigError
 from gateway.settings import SubmissionSettings
 from gateway.smtp.data import DataState, read_data
+from gateway.timers import LazyDeadline
 
 log = logging.getLogger(__name__)
 
@@ -128,29 +129,19 @@ class MailgateSMTP(SMTP):
         # Each connection gets its own.
         self.command_size_limits = _command_size_limits()
         self._copied: tuple[dict[str, Any], list[str]] | None = None  # see copy()
-        self._deadline = 0.0  # see _reset_timeout()
+        self._idle: LazyDeadline | None = None  # see _reset_timeout()
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """The client has ``duration`` (default: the idle timeout) from now to say something.
 
         aiosmtpd cancels its timer and schedules a new one at every command (seven times for a
-        message on a new connection), and the cancelled ones stay in the loop's heap until they
-        are due. One timer per connection is kept instead; when it fires early because the
-        client has been active, it sets itself for the time left.
+        message on a new connection); one :class:`LazyDeadline` per connection moves instead.
+        It also stands in aiosmtpd's ``_timeout_handle``, which ``connection_lost`` cancels.
         """
-        loop = self.loop
-        self._deadline = loop.time() + (duration or self._timeout_duration)
-        handle = self._timeout_handle
-        if handle is None or handle.cancelled() or handle.when() > self._deadline:
-            if handle is not None:
-                handle.cancel()
-            self._timeout_handle = loop.call_at(self._deadline, self._check_timeout)
-
-    def _check_timeout(self) -> None:
-        if self.loop.time() < self._deadline:
-            self._timeout_handle = self.loop.call_at(self._deadline, self._check_timeout)
-            return
-        self._timeout_cb()  # type: ignore[no-untyped-call]
+        if self._idle is None:
+            self._idle = LazyDeadline(self.loop, self._timeout_cb)
+            self._timeout_handle = self._idle  # type: ignore[assignment]
+        self._idle.set(self.loop.time() + (duration or self._timeout_duration))
 
     def copy(self) -> MailgateSMTP:
         """A protocol for a new connection, set up exactly as ``__init__`` with this one's
