@@ -170,6 +170,14 @@ def _prepare(message: bytes) -> _Payload:
     return _Payload(message, not message.isascii(), not headers.isascii())
 
 
+def _unread(reader: asyncio.StreamReader) -> bytearray:
+    """What the server sent that was not read yet. asyncio has no public way to ask, so this
+    reads its private buffer, and fails loudly (AttributeError) rather than answering "nothing"
+    if asyncio renames it: the STARTTLS injection guard depends on the answer."""
+    buffered: bytearray = reader._buffer  # type: ignore[attr-defined]
+    return buffered
+
+
 def _check_address(address: str, role: str) -> None:
     if _FORBIDDEN_IN_ADDRESS.search(address):
         raise ValueError(f"{role} address {address!r} contains a control character or <>")
@@ -273,7 +281,7 @@ class _Session:
                 # RFC 5321 §4.5.3.2: every wait is bounded, all of one reply's by one deadline.
                 # A line already buffered is read without waiting: the replies to pipelined
                 # RSET, MAIL, RCPTs and DATA arrive together.
-                if b"\n" in getattr(self.reader, "_buffer", b""):
+                if b"\n" in _unread(self.reader):
                     raw = await self.reader.readline()
                 else:
                     if not deadline:
@@ -311,7 +319,7 @@ class _Session:
         # run yet; only a reader still waiting has run out of time. It is failed rather than
         # its task cancelled, so the wait raises TimeoutError as asyncio.timeout's would; every
         # caller then abandons the connection, whose reader keeps the error.
-        if b"\n" not in getattr(self.reader, "_buffer", b""):
+        if b"\n" not in _unread(self.reader):
             self.reader.set_exception(TimeoutError())
 
     def _stop_timers(self) -> None:
@@ -373,7 +381,7 @@ class _Session:
             return False
         # Anything the server sent after its 220 arrived in plaintext and must not be read as
         # if it came over TLS (the STARTTLS response-injection attack, CVE-2011-0411's twin).
-        buffered = getattr(self.reader, "_buffer", b"")
+        buffered = _unread(self.reader)
         if buffered:
             raise _SessionFailed(
                 f"{self.where} sent data after its STARTTLS reply", enhanced="4.7.5"
